@@ -1,0 +1,139 @@
+"""QuantLinear (the fake-quant training module) and the swap helpers.
+
+QuantLinear keeps the parameter names of the nn.Linear it replaces (`weight`, `bias`), so a student's state dict maps
+1:1 onto the original model's and checkpoints resume; quantizer parameters live under `weight_quantizer.*` and
+`act_quantizer.*`. With quantization disabled it computes exactly F.linear(x, weight, bias).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.config import QuantSpec
+from qat.quantizers import make_act_quantizer, make_weight_quantizer
+from qat_kernels.hadamard import block_hadamard, hadamard_block_size, random_signs
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, *, device=None,
+                 dtype=None, rotation_seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.weight_quantizer = make_weight_quantizer(spec.weight, out_features, in_features)
+        self.act_quantizer = make_act_quantizer(spec.act, in_features)
+        self.quant_enabled = True
+        # QuaRot-style input rotation for low-bit activations: x W^T = (x T)(W T)^T with T orthogonal; the latent
+        # weight is stored already rotated (W T) so only the activation side is rotated at run time.
+        if spec.act.enabled and spec.act.hadamard:
+            self.rotation_block = hadamard_block_size(in_features, 128)
+            self.register_buffer("rotation_signs", random_signs(in_features, rotation_seed))
+        else:
+            self.rotation_block = 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rotation_seed: int = 0) -> "QuantLinear":
+        """Build from an nn.Linear (or a GPT-2 Conv1D, whose weight is stored transposed)."""
+        w = linear.weight.detach()
+        if type(linear).__name__ == "Conv1D":
+            w = w.t()
+        out_f, in_f = w.shape
+        q = cls(in_f, out_f, linear.bias is not None, spec, device=w.device, dtype=w.dtype, rotation_seed=rotation_seed)
+        with torch.no_grad():
+            q.weight.copy_(q.rotate_weight(w) if q.rotation_block else w)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach())
+        return q
+
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return block_hadamard(w.float(), self.rotation_signs, self.rotation_block).to(w.dtype)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        return block_hadamard(x, self.rotation_signs, self.rotation_block) if self.rotation_block else x
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_enabled:
+            if self.rotation_block:
+                x = self.rotate_input(x)
+            return F.linear(x, self.weight, self.bias)
+        x = self.rotate_input(x)
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        w = self.weight_quantizer(self.weight)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.spec.describe()}"
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, adapter=None, init: bool = True) -> list[str]:
+    """Swap the adapter's quantizable linears (every linear inside a decoder block, minus `spec.skip`) for
+    QuantLinear in place, RTN-initialised unless init=False (a PTQ method or a checkpoint load fills them instead).
+    Checks every layer's shape first, so a bad spec changes nothing. Returns the swapped names."""
+    from qat.models import get_adapter
+
+    adapter = adapter or get_adapter(model)
+    names = [n for n in adapter.linear_names(model) if not _matches(n, spec.skip)]
+    for n in names:  # validate everything before touching the model
+        mod = model.get_submodule(n)
+        w = mod.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else w.shape
+        make_weight_quantizer(spec.weight, out_f, in_f)
+    for i, n in enumerate(names):
+        q = QuantLinear.from_linear(model.get_submodule(n), spec, rotation_seed=i)
+        if init:
+            with torch.no_grad():
+                q.weight.copy_(q.weight_quantizer.init_from(q.weight))
+        _set_module(model, n, q)
+    return names
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in quant_linears(model).values():
+        m.quant_enabled = enabled
+
+
+@contextmanager
+def quant_disabled(model: nn.Module):
+    mods = quant_linears(model).values()
+    prev = [m.quant_enabled for m in mods]
+    set_quant_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for m, p in zip(mods, prev):
+            m.quant_enabled = p
+
+
+def model_bits_per_weight(model: nn.Module) -> dict[str, float]:
+    """Storage accounting over the quantized linears, plus the share of parameters left in floating point."""
+    qs = quant_linears(model)
+    n_q = sum(m.weight.numel() for m in qs.values())
+    bits = sum(m.weight.numel() * m.weight_quantizer.bits_per_weight for m in qs.values())
+    n_all = sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n)
+    return {
+        "bits_per_weight": bits / n_q if n_q else 16.0,
+        "quantized_params": n_q,
+        "fp_params": n_all - n_q,
+    }

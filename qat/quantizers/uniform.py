@@ -1,0 +1,155 @@
+"""Uniform intN group-wise weight quantizer (RTN / GPTQ init; LSQ+ or OmniQuant-LWC learnable parameters).
+
+    w_hat = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z)        per group of `group_size` input columns
+
+Two parametrisations of (s, z), picked by spec.lwc:
+  - LSQ+/EfficientQAT (default): s and z are free learnable tensors [out, n_groups]; z is rounded with a
+    straight-through estimator, so d w_hat / d s = round(w/s) - w/s inside the range and q_min|q_max - z outside.
+  - OmniQuant LWC: s and z are recomputed from the latent weight every step from learnable clipping factors,
+    max_c = sigmoid(gamma) * max(w), min_c = sigmoid(beta) * min(w).
+Scales are rounded to fp16 in the forward pass (gradient passes straight through the cast) because that is how they
+are stored: pack() -> unpack() is then bit-identical to the training forward. Symmetric mode fixes z = 2^(b-1)
+(GPTQ convention: grid [-2^(b-1), 2^(b-1)-1] * s, s = 2 max|w| / (2^b - 1)).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat.config import WeightSpec
+from qat.ptq.gptq import gptq_sequential
+from qat.quantizers.base import WeightQuantizer, check_finite, ste_round
+from qat_kernels.packing import pack_bits
+from qat_kernels.reference import dequant_uniform
+
+_MIN_SCALE = 1e-5  # keeps all-zero groups finite; representable in fp16 (subnormal)
+_LWC_INIT = 4.0  # OmniQuant's init: sigmoid(4) = 0.982 of the min/max range
+
+
+class UniformQuantizer(WeightQuantizer):
+    format = "uniform"
+
+    def __init__(self, spec: WeightSpec, out_features: int, in_features: int):
+        super().__init__(spec, out_features, in_features)
+        self.group_size = spec.group_for(in_features)
+        self.n_groups = in_features // self.group_size
+        self.qmax = 2**spec.bits - 1
+        shape = (out_features, self.n_groups)
+        if spec.lwc:
+            self.clip_max_logit = nn.Parameter(torch.full(shape, _LWC_INIT))
+            self.clip_min_logit = nn.Parameter(torch.full(shape, _LWC_INIT))
+        else:
+            self.scale = nn.Parameter(torch.ones(shape))
+            self.zero = nn.Parameter(torch.zeros(shape), requires_grad=not spec.sym)
+            if spec.sym:
+                self.zero.data.fill_(2 ** (spec.bits - 1))
+
+    # ---- parameters -------------------------------------------------------------------------------------------
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return w.reshape(self.out_features, self.n_groups, self.group_size)
+
+    def _minmax_params(self, wg: torch.Tensor, shrink_max=None, shrink_min=None):
+        """(scale, zero) from the range of each group; the range always includes 0 (as GPTQ/llm-compressor do)."""
+        if self.spec.sym:
+            amax = wg.abs().amax(-1)
+            if shrink_max is not None:
+                amax = amax * shrink_max
+            scale = (2 * amax / self.qmax).clamp_min(_MIN_SCALE)
+            return scale, torch.full_like(scale, 2 ** (self.spec.bits - 1))
+        wmax = wg.amax(-1).clamp_min(0)
+        wmin = wg.amin(-1).clamp_max(0)
+        if shrink_max is not None:
+            wmax, wmin = wmax * shrink_max, wmin * shrink_min
+        scale = ((wmax - wmin) / self.qmax).clamp_min(_MIN_SCALE)
+        zero = -wmin / scale
+        return scale, zero
+
+    def scale_zero(self, weight: torch.Tensor):
+        """Effective (scale, zero) [out, n_groups] as used in the forward: scale fp16-rounded, zero an integer."""
+        if self.spec.lwc:
+            s, z = self._minmax_params(
+                self._grouped(weight), torch.sigmoid(self.clip_max_logit), torch.sigmoid(self.clip_min_logit))
+        else:
+            s, z = self.scale.clamp_min(_MIN_SCALE), self.zero
+        s = s.to(torch.float16).to(torch.float32)
+        z = torch.clamp(ste_round(z), 0, self.qmax)
+        return s, z
+
+    # ---- contract ---------------------------------------------------------------------------------------------
+    def _codes(self, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(ste_round(self._grouped(weight.float()) / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        s, z = self.scale_zero(weight)
+        q = self._codes(weight, s, z)
+        return ((q - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def init_from(self, weight, *, hessian=None, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  **_):
+        """RTN (min/max) without a Hessian; GPTQ with one. Returns the latent weight to keep (see base.py)."""
+        check_finite("uniform.init_from", weight)
+        w = weight.detach().float()
+        if self.spec.lwc:  # the clipping logits are the parameters; start from OmniQuant's init
+            self.clip_max_logit.fill_(_LWC_INIT)
+            self.clip_min_logit.fill_(_LWC_INIT)
+            if hessian is None:
+                return weight.detach().clone()
+        else:
+            s, z = self._minmax_params(self._grouped(w))
+            self.scale.copy_(s)
+            self.zero.copy_(z)
+            if hessian is None:
+                return weight.detach().clone()
+        return self._gptq(w, hessian, act_order=act_order, damp=damp, block_size=block_size).to(weight.dtype)
+
+    @torch.no_grad()
+    def _gptq(self, w, hessian, *, act_order, damp, block_size):
+        g = self.group_size
+        perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
+        # Group parameters: with act-order the column order no longer follows groups, so they are fitted once on
+        # the original weight ("static groups"); otherwise each group is fitted on its error-compensated values
+        # when the sweep reaches it (GPTQ's default).
+        static = act_order or self.spec.lwc
+        if static:
+            s_all, z_all = self.scale_zero(w)
+        else:
+            s_all = torch.empty(self.out_features, self.n_groups)
+            z_all = torch.empty(self.out_features, self.n_groups)
+        order = perm if perm is not None else torch.arange(self.in_features)
+
+        def quantize_col(col_w: torch.Tensor, col: int, peek) -> torch.Tensor:
+            orig = int(order[col])
+            gi = orig // g
+            if not static and orig % g == 0:
+                s, z = self._minmax_params(peek(g).reshape(self.out_features, 1, g))
+                s_all[:, gi] = s[:, 0].to(torch.float16).float()
+                z_all[:, gi] = torch.clamp(torch.round(z[:, 0]), 0, self.qmax)
+            s, z = s_all[:, gi : gi + 1], z_all[:, gi : gi + 1]
+            q = torch.clamp(torch.round(col_w / s) + z, 0, self.qmax)
+            return (q - z) * s
+
+        Q = gptq_sequential(w, hessian, quantize_col, chunk=1, block_size=block_size, damp=damp, perm=perm)
+        if not self.spec.lwc:
+            self.scale.copy_(s_all)
+            self.zero.copy_(z_all)
+        return Q
+
+    @torch.no_grad()
+    def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        s, z = self.scale_zero(weight)
+        q = self._codes(weight, s, z).reshape(self.out_features, self.in_features)
+        return {
+            "qweight": pack_bits(q.to(torch.int32), self.spec.bits),
+            "scales": s.to(torch.float16),
+            "zeros": z.to(torch.uint8),
+        }
+
+    def unpack(self, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dequant_uniform(packed["qweight"], packed["scales"], packed["zeros"], bits=self.spec.bits,
+                               group_size=self.group_size, in_features=self.in_features)
+
+    @property
+    def bits_per_weight(self) -> float:
+        # payload + one fp16 scale and one uint8 zero per group (stored for symmetric grids too)
+        return self.spec.bits + (16 + 8) / self.group_size
