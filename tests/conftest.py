@@ -1,0 +1,75 @@
+"""Shared fixtures: the real default model (converted once into the repo's .cache), the shared text corpora, and
+tiny random-init models of every supported family."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("QAT_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    if not ASSETS.is_dir():
+        pytest.fail(f"shared assets not found at {ASSETS} (set QAT_ASSETS)")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def wikitext_test(assets_dir) -> Path:
+    return assets_dir / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid(assets_dir) -> Path:
+    return assets_dir / "corpora" / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory (`make test` converts it; converted here if missing)."""
+    from qat.models.convert_gguf import ensure_default_model
+
+    return ensure_default_model(Path(os.environ.get("QAT_SMOLLM2_DIR", REPO / ".cache" / "smollm2-135m")))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from qat.models.loading import load_fp_model, load_tokenizer
+
+    return load_fp_model(smollm2_dir), load_tokenizer(smollm2_dir)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A random-init causal LM of the given family with a few blocks and widths divisible by 32."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return LlamaForCausalLM(cfg).eval()
+    if family == "qwen2":
+        cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return Qwen2ForCausalLM(cfg).eval()
+    if family == "opt":
+        cfg = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=128, word_embed_proj_dim=64)
+        return OPTForCausalLM(cfg).eval()
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        return GPT2LMHeadModel(cfg).eval()
+    if family == "gpt_neox":
+        cfg = GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128)
+        return GPTNeoXForCausalLM(cfg).eval()
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "opt", "gpt2", "gpt_neox"]
