@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before triton is first imported.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("QAT_ASSETS", REPO.parent / "shared" / "assets"))
