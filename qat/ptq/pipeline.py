@@ -1,0 +1,58 @@
+"""Block-sequential post-training quantization: the student is built block by block, each block calibrated on the
+hidden states produced by the *already quantized* blocks before it (so it compensates their error), as GPTQ does.
+
+    RTN   every weight quantizer's init_from(weight) (min/max; EM; nearest codeword, depending on the format)
+    GPTQ  init_from(weight, hessian=H) with H from the block's calibration inputs (GPTQ / EM+GPTQ / BlockLDLQ)
+Activation quantizers (A4/A8) are initialised from the same calibration inputs in both cases.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from qat.config import QuantSpec
+from qat.models import capture_block_inputs, get_adapter, run_block
+from qat.nn import QuantLinear, quant_disabled, quantize_model
+from qat.ptq.calibration import attach_input_stats
+
+PTQ_METHODS = ("rtn", "gptq")
+
+
+@torch.no_grad()
+def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method: str = "gptq", *,
+                 act_order: bool = False, damp: float = 0.01, batch_size: int = 8, act_sample_tokens: int = 4096,
+                 progress: bool = True) -> list[str]:
+    """Quantize `model` in place; returns the names of the quantized linears."""
+    if method not in PTQ_METHODS:
+        raise ValueError(f"unknown PTQ method {method!r}; supported: {', '.join(PTQ_METHODS)}")
+    needs_data = method == "gptq" or spec.act.enabled
+    if needs_data and (calib_ids is None or calib_ids.numel() == 0):
+        raise ValueError(f"PTQ method {method!r}{' with activation quantization' if spec.act.enabled else ''} "
+                         "needs calibration data (--data)")
+    adapter = get_adapter(model)
+    names = quantize_model(model, spec, adapter, init=not needs_data)
+    if not needs_data:
+        return names
+    model.eval()
+    hidden, kwargs = capture_block_inputs(model, calib_ids, adapter, batch_size)
+    blocks = adapter.blocks(model)
+    for i in tqdm(range(len(blocks)), desc=f"PTQ {method} {spec.describe()}", disable=not progress, unit="block"):
+        block = blocks[i]
+        qlins = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+        stats, remove = attach_input_stats(qlins, keep_tokens=act_sample_tokens if spec.act.enabled else 0,
+                                           transform=lambda m, x: m.rotate_input(x))
+        try:
+            with quant_disabled(block):  # calibrate on the FP block fed by the quantized prefix
+                for j in range(0, hidden.shape[0], batch_size):
+                    run_block(block, hidden[j : j + batch_size], kwargs)
+        finally:
+            remove()
+        for n, m in qlins.items():
+            H = stats[n].hessian() if method == "gptq" else None
+            m.weight.copy_(m.weight_quantizer.init_from(m.weight, hessian=H, act_order=act_order, damp=damp))
+            if m.act_quantizer is not None:
+                m.act_quantizer.init_from(stats[n].sample())
+        del stats
+        for j in range(0, hidden.shape[0], batch_size):  # the next block sees this block's quantized output
+            hidden[j : j + batch_size] = run_block(block, hidden[j : j + batch_size], kwargs)
+    return names
