@@ -1,0 +1,194 @@
+"""One entry point for every packed format: y = x W_hat^T (+ bias), Triton on GPU, plain torch elsewhere.
+
+    linear(x, fmt, packed, meta, bias=None, backend="auto")
+
+fmt     "uniform" | "binary11" | "vq"  (packed layouts: kernels/reference.py)
+packed  the tensors of one exported layer, exactly as stored (no repacking)
+meta    plain ints/bools/floats describing the layer:
+          in_features, out_features, group_size (-1 = whole row), bits (uniform: 1..8; binary11: 1 if given)
+          act_bits (16 = no activation quantization, default), act_sym (default False),
+          act_clip_hi, act_clip_lo (per-token clipping factors, default 1.0)
+          vq: the entries dequant_vq needs (see kernels/reference.py)
+backend "auto"      Triton when x is a CUDA tensor and the kernels support the layer, reference otherwise
+        "reference" dequantize in float32 with kernels/reference.py, then F.linear (the ground truth)
+        "triton"    the Triton kernels (on CPU only under TRITON_INTERPRET=1); an unsupported layer is a ValueError
+
+x may have any number of leading dims (flattened into the batch); the output has x's dtype. With activation
+quantization the reference quantizes x per token with kernels/act_quant.py and multiplies in float32.
+Triton is imported only when a kernel runs, so the reference path works with torch alone.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from qat_kernels import reference
+from qat_kernels.packing import packed_width
+
+FORMATS = ("uniform", "binary11", "vq")
+BACKENDS = ("auto", "reference", "triton")
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+def _int_meta(meta: dict, key: str, fmt: str) -> int:
+    if key not in meta:
+        raise ValueError(f"linear({fmt}): meta is missing {key!r}")
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"linear({fmt}): meta[{key!r}] must be an int, got {value!r}")
+    return value
+
+
+def _check_tensor(packed: dict, name: str, shape: tuple, dtypes: tuple, fmt: str) -> torch.Tensor:
+    if name not in packed:
+        raise ValueError(f"linear({fmt}): packed is missing {name!r} (has {sorted(packed)})")
+    t = packed[name]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"linear({fmt}): packed[{name!r}] has shape {tuple(t.shape)}, meta implies {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"linear({fmt}): packed[{name!r}] has dtype {t.dtype}, expected one of {dtypes}")
+    return t
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def layer_spec(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Validate (fmt, packed, meta) and return the normalized layer description used by both backends.
+
+    Raises a one-line ValueError naming the bad value (unknown fmt, missing key, shape/dtype that does not match)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"linear: unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    n_in, n_out = _int_meta(meta, "in_features", fmt), _int_meta(meta, "out_features", fmt)
+    g = _int_meta(meta, "group_size", fmt)
+    g = n_in if g == -1 else g
+    if n_in <= 0 or n_out <= 0 or g <= 0 or n_in % g:
+        raise ValueError(f"linear({fmt}): group_size {g} must divide in_features {n_in} (both positive)")
+    ng = n_in // g
+    spec: dict[str, Any] = {"fmt": fmt, "in_features": n_in, "out_features": n_out, "group_size": g}
+    if fmt == "uniform":
+        bits = _int_meta(meta, "bits", fmt)
+        if not 1 <= bits <= 8:
+            raise ValueError(f"linear(uniform): bits must be in 1..8, got {bits}")
+        spec["bits"] = bits
+        _check_tensor(packed, "qweight", (n_out, packed_width(n_in, bits)), (torch.uint8,), fmt)
+        _check_tensor(packed, "scales", (n_out, ng), _FLOATS, fmt)
+        _check_tensor(packed, "zeros", (n_out, ng), (torch.uint8,), fmt)
+    elif fmt == "binary11":
+        if meta.get("bits", 1) != 1:
+            raise ValueError(f"linear(binary11): bits must be 1 (sign + bitmap bit), got {meta['bits']!r}")
+        spec["bits"] = 1
+        for name in ("signs", "bitmap"):
+            _check_tensor(packed, name, (n_out, packed_width(n_in, 1)), (torch.uint8,), fmt)
+        for name in ("alpha", "mu"):
+            _check_tensor(packed, name, (n_out, ng, 2), _FLOATS, fmt)
+    else:
+        _vq_spec(spec, packed, meta)
+    act_bits = meta.get("act_bits", 16)
+    if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not (2 <= act_bits <= 8 or act_bits == 16):
+        raise ValueError(f"linear({fmt}): act_bits must be an int in 2..8 or 16 (off), got {act_bits!r}")
+    spec["act_bits"] = act_bits
+    spec["act_sym"] = bool(meta.get("act_sym", False))
+    spec["act_clip_hi"] = float(meta.get("act_clip_hi", 1.0))
+    spec["act_clip_lo"] = float(meta.get("act_clip_lo", 1.0))
+    return spec
+
+
+def _vq_spec(spec: dict, packed: dict, meta: dict) -> None:
+    raise ValueError("linear(vq): the VQ layout is not available yet (kernels/reference.py has no dequant_vq)")
+
+
+# ---- reference path ---------------------------------------------------------------------------------------------
+def dequantize(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+    """W_hat [out, in] in float32 with kernels/reference.py (validates first)."""
+    spec = layer_spec(fmt, packed, meta)
+    return _dequantize(spec, packed)
+
+
+def _dequantize(spec: dict, packed: dict) -> torch.Tensor:
+    n_in, g = spec["in_features"], spec["group_size"]
+    if spec["fmt"] == "uniform":
+        return reference.dequant_uniform(packed["qweight"], packed["scales"], packed["zeros"], bits=spec["bits"],
+                                         group_size=g, in_features=n_in)
+    if spec["fmt"] == "binary11":
+        return reference.dequant_binary11(packed["signs"], packed["bitmap"], packed["alpha"], packed["mu"],
+                                          group_size=g, in_features=n_in)
+    raise ValueError(f"linear: no reference dequantization for {spec['fmt']!r}")
+
+
+def quantize_activations(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """x_hat (float32) = per-token fake-quantized x, with the reference quantizer of kernels/act_quant.py."""
+    try:
+        from qat_kernels.act_quant import quantize_per_token
+    except ImportError as e:  # written by another part of the project; say so plainly if it is missing
+        raise ValueError(f"linear: act_bits={spec['act_bits']} needs qat_kernels.act_quant ({e})") from e
+    q, scale, zero = quantize_per_token(x.float(), spec["act_bits"], spec["act_clip_hi"], spec["act_clip_lo"],
+                                        spec["act_sym"])
+    return (q.float() - zero.float()) * scale.float()
+
+
+def _reference_linear(x2: torch.Tensor, spec: dict, packed: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    w = _dequantize(spec, packed)
+    if spec["act_bits"] < 16:
+        y = torch.nn.functional.linear(quantize_activations(x2, spec), w, None if bias is None else bias.float())
+        return y.to(x2.dtype)
+    return reference.linear_dense(x2, w, bias)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernel_module(spec: dict):
+    """The kernels/triton module that runs this layer's weight format."""
+    return importlib.import_module(f"qat_kernels.triton.{spec['fmt']}")
+
+
+def triton_support(spec: dict, x: torch.Tensor) -> str | None:
+    """None when the Triton kernels can run this layer on x, else the reason they cannot (one line)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (x.is_cuda or _interpreting()):
+        return "x is not a CUDA tensor (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x dtype {x.dtype} is not float16/bfloat16/float32"
+    return _kernel_module(spec).unsupported_reason(spec)
+
+
+def _triton_linear(x2: torch.Tensor, spec: dict, packed: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    module = _kernel_module(spec)
+    if spec["act_bits"] < 16:
+        # No fused kernel for this combination: fake-quantize x per token (reference, float32), weight kernel after.
+        return module.linear(quantize_activations(x2, spec), spec, packed, bias).to(x2.dtype)
+    return module.linear(x2, spec, packed, bias)
+
+
+def linear(x: torch.Tensor, fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any],
+           bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """y = x W_hat^T (+ bias) for a packed layer; see the module docstring."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    spec = layer_spec(fmt, packed, meta)
+    if x.shape[-1] != spec["in_features"]:
+        raise ValueError(f"linear({fmt}): x has {x.shape[-1]} features, the layer takes {spec['in_features']}")
+    if bias is not None and tuple(bias.shape) != (spec["out_features"],):
+        raise ValueError(f"linear({fmt}): bias has shape {tuple(bias.shape)}, expected ({spec['out_features']},)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, spec["in_features"])
+    if backend == "reference":
+        use_triton = False
+    else:
+        reason = triton_support(spec, x2)
+        if backend == "triton" and reason is not None:
+            raise ValueError(f"linear({fmt}): backend='triton' cannot run this layer: {reason}")
+        use_triton = reason is None and (backend == "triton" or x2.is_cuda)
+    if use_triton:
+        y = _triton_linear(x2, spec, packed, bias)
+    else:
+        y = _reference_linear(x2, spec, packed, bias)
+    return y.reshape(*lead, spec["out_features"])
