@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import torch
-
 from qat_kernels import reference
 from qat_kernels.packing import packed_width
 
@@ -39,7 +38,7 @@ def _int_meta(meta: dict, key: str, fmt: str) -> int:
         raise ValueError(f"linear({fmt}): meta is missing {key!r}")
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"linear({fmt}): meta[{key!r}] must be an int, got {value!r}")
+        raise ValueError(f"linear({fmt}): meta[{key!r}] must be an int, got {value!r}")  # noqa: TRY004 (bad data)
     return value
 
 
@@ -163,7 +162,11 @@ def triton_support(spec: dict, x: torch.Tensor) -> str | None:
 def _triton_linear(x2: torch.Tensor, spec: dict, packed: dict, bias: torch.Tensor | None) -> torch.Tensor:
     module = _kernel_module(spec)
     if spec["act_bits"] < 16:
-        # No fused kernel for this combination: fake-quantize x per token (reference, float32), weight kernel after.
+        from qat_kernels.triton import w4a4
+
+        if w4a4.unsupported_reason(spec) is None:  # integer GEMM with in-kernel per-token quantization
+            return w4a4.linear(x2, spec, packed, bias)
+        # No integer path for this combination: fake-quantize x per token (reference, float32), weight kernel after.
         return module.linear(quantize_activations(x2, spec), spec, packed, bias).to(x2.dtype)
     return module.linear(x2, spec, packed, bias)
 

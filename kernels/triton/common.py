@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAGIC = 8388608.0  # 2**23: (code | 0x4B000000) read as float32 is 2**23 + code exactly (code < 2**23)
+MAGIC = tl.constexpr(8388608.0)  # 2**23: (code | 0x4B000000) read as float32 is 2**23 + code exactly (code < 2**23)
 
 
 # ---- host side --------------------------------------------------------------------------------------------------
@@ -72,15 +72,15 @@ def pick_config(M: int, N: int, K: int, group_size: int, bits: int, device_index
     sms = sm_count(device_index)
     if M <= 4:
         bm = 1 if M == 1 else triton.next_power_of_2(M)
-        cfg = dict(block_m=bm, block_n=8, block_k=512 if bits <= 4 else 256, use_dot=False, num_warps=4,
-                   num_stages=2)
+        cfg = {"block_m": bm, "block_n": 8, "block_k": 512 if bits <= 4 else 256, "use_dot": False, "num_warps": 4,
+                   "num_stages": 2}
     elif M <= 64:
         bm = max(16, triton.next_power_of_2(M))
-        cfg = dict(block_m=bm, block_n=64, block_k=128, use_dot=True, num_warps=4, num_stages=3)
+        cfg = {"block_m": bm, "block_n": 64, "block_k": 128, "use_dot": True, "num_warps": 4, "num_stages": 3}
     else:
         bm = 64 if M <= 128 else 128
-        cfg = dict(block_m=bm, block_n=128, block_k=64, use_dot=True, num_warps=8 if bm == 128 else 4,
-                   num_stages=3)
+        cfg = {"block_m": bm, "block_n": 128, "block_k": 64, "use_dot": True, "num_warps": 8 if bm == 128 else 4,
+                   "num_stages": 3}
     bk = block_k_for_group(cfg["block_k"], group_size)
     while bk > 32 and bk >= 2 * triton.next_power_of_2(K):  # don't load mostly-masked tiles on narrow layers
         bk //= 2

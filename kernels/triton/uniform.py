@@ -10,10 +10,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from qat_kernels.triton.common import (MAGIC, Config, accumulate, codes_as_float, gather_codes, k_per_split,
-                                       launch_grid, output_buffer, pick_config, store_output, tile_ids,
-                                       unpack_words, words)
+from qat_kernels.triton.common import (
+    MAGIC,
+    Config,
+    accumulate,
+    codes_as_float,
+    gather_codes,
+    k_per_split,
+    launch_grid,
+    output_buffer,
+    pick_config,
+    store_output,
+    tile_ids,
+    unpack_words,
+    words,
+)
 
 
 @triton.jit
@@ -30,7 +41,7 @@ def _uniform_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # A K tile covers GPT whole groups (group <= BLOCK_K) or lies inside one group (group a multiple of BLOCK_K).
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+    SUB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # noqa: FURB136 (constexpr arithmetic)
     GPT: tl.constexpr = BLOCK_K // SUB
     WORDS_PER_TILE: tl.constexpr = BLOCK_K * BITS // 32
 
