@@ -83,19 +83,27 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, adapter=None, init: bool = True) -> list[str]:
-    """Swap the adapter's quantizable linears (every linear inside a decoder block, minus `spec.skip`) for
-    QuantLinear in place, RTN-initialised unless init=False (a PTQ method or a checkpoint load fills them instead).
-    Checks every layer's shape first, so a bad spec changes nothing. Returns the swapped names."""
+def check_spec_fits(model: nn.Module, spec: QuantSpec, adapter=None) -> list[str]:
+    """Raise QuantConfigError if any linear to be quantized can't take `spec`; returns their names. Works on a model
+    built on the meta device, so a CLI can check a spec against an architecture before loading any weights."""
     from qat.models import get_adapter
 
     adapter = adapter or get_adapter(model)
     names = [n for n in adapter.linear_names(model) if not _matches(n, spec.skip)]
-    for n in names:  # validate everything before touching the model
+    for n in names:
         mod = model.get_submodule(n)
-        w = mod.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else w.shape
+        out_f, in_f = mod.weight.shape
+        if type(mod).__name__ == "Conv1D":
+            out_f, in_f = in_f, out_f
         make_weight_quantizer(spec.weight, out_f, in_f)
+    return names
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, adapter=None, init: bool = True) -> list[str]:
+    """Swap the adapter's quantizable linears (every linear inside a decoder block, minus `spec.skip`) for
+    QuantLinear in place, RTN-initialised unless init=False (a PTQ method or a checkpoint load fills them instead).
+    Checks every layer's shape first, so a bad spec changes nothing. Returns the swapped names."""
+    names = check_spec_fits(model, spec, adapter)
     for i, n in enumerate(names):
         q = QuantLinear.from_linear(model.get_submodule(n), spec, rotation_seed=i)
         if init:

@@ -47,3 +47,15 @@ def load_any(path, dtype: torch.dtype = torch.float32, device="cpu"):
     else:
         model = load_fp_model(p, dtype=dtype, device=device)
     return model, load_tokenizer(p)
+
+
+def meta_model(path):
+    """The architecture of a local model directory, built on the meta device (no weights read, no memory used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models import get_adapter
+
+    cfg = AutoConfig.from_pretrained(str(resolve_model_dir(path)), local_files_only=True)
+    get_adapter(cfg.model_type)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)

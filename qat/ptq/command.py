@@ -47,27 +47,28 @@ def spec_from_args(a) -> QuantSpec:
 
 def run(a) -> int:
     from qat.checkpoint import save_student
-    from qat.data.text import read_text, sample_windows, tokenize
+    from qat.data.text import read_text, sample_windows, tokenize_file
     from qat.io import check_output_dir
-    from qat.models.loading import load_fp_model, load_tokenizer, resolve_model_dir
-    from qat.nn import model_bits_per_weight
+    from qat.models.loading import load_fp_model, load_tokenizer, meta_model
+    from qat.nn import check_spec_fits, model_bits_per_weight
     from qat.ptq.pipeline import ptq_quantize
 
     # every cheap check before any expensive work, so bad input fails in a second and writes nothing
     spec = spec_from_args(a)
     check_output_dir(a.output, a.overwrite)
-    resolve_model_dir(a.model)
+    check_spec_fits(meta_model(a.model), spec)  # architecture + shapes, without reading weights
     needs_data = a.method == "gptq" or spec.act.enabled
     if needs_data and not a.data:
         raise ValueError(f"--method {a.method}{' with --act-bits' if spec.act.enabled else ''} needs --data")
     if a.calib_samples < 1 or a.seq_len < 2:
         raise ValueError("--calib-samples must be >= 1 and --seq-len >= 2")
-    text = read_text(a.data) if a.data else None
+    if a.data:
+        read_text(a.data)  # missing or empty data fails here, before the model is loaded
 
     t0 = time.time()
     tokenizer = load_tokenizer(a.model)
     model = load_fp_model(a.model, device=a.device)
-    calib = sample_windows(tokenize(text, tokenizer), a.calib_samples, a.seq_len, a.seed) if needs_data else None
+    calib = sample_windows(tokenize_file(a.data, tokenizer), a.calib_samples, a.seq_len, a.seed) if needs_data else None
     torch.manual_seed(a.seed)
     names = ptq_quantize(model, spec, calib, a.method, act_order=a.act_order, damp=a.damp, batch_size=a.batch_size)
     meta = {"ptq": {"method": a.method, "calib_samples": a.calib_samples, "seq_len": a.seq_len,

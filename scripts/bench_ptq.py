@@ -1,0 +1,134 @@
+"""PTQ quality benchmark on a real model: FP vs RTN vs GPTQ (ours) at several bit widths, optionally beside
+llm-compressor's GPTQ (scripts/bench_ptq_llmcompressor.py writes its numbers; this script merges them).
+
+Protocol (issue #3): perplexity on the first --eval-tokens tokens of WikiText-2 raw test, windows of --seq-len,
+bos prepended once; calibration --calib-samples x --seq-len tokens sampled (seeded) from WikiText-2 valid.
+
+    python scripts/bench_ptq.py --model .cache/smollm2-135m            # writes docs/PTQ.md, docs/ptq/*.json|png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets" / "corpora"
+
+DEFAULT_CONFIGS = [
+    # name, method, weight spec, ptq kwargs
+    ("RTN W4g64", "rtn", {"bits": 4, "group_size": 64}, {}),
+    ("RTN W3g64", "rtn", {"bits": 3, "group_size": 64}, {}),
+    ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),
+    ("GPTQ W4g64", "gptq", {"bits": 4, "group_size": 64}, {}),
+    ("GPTQ W3g64", "gptq", {"bits": 3, "group_size": 64}, {}),
+    ("GPTQ W2g64", "gptq", {"bits": 2, "group_size": 64}, {}),
+    ("GPTQ W4g64 act-order", "gptq", {"bits": 4, "group_size": 64}, {"act_order": True}),
+    ("GPTQ W3g64 act-order", "gptq", {"bits": 3, "group_size": 64}, {"act_order": True}),
+    ("GPTQ W2g64 act-order", "gptq", {"bits": 2, "group_size": 64}, {"act_order": True}),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", default=str(ASSETS / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--eval", default=str(ASSETS / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", help="run only configs whose name contains one of these strings")
+    ap.add_argument("--out", default=str(REPO / "docs"))
+    a = ap.parse_args(argv)
+
+    from qat.config import QuantSpec
+    from qat.data.text import pack_windows, sample_windows, tokenize_file
+    from qat.models.loading import load_fp_model, load_tokenizer
+    from qat.ptq.sweep import ptq_sweep
+
+    torch.manual_seed(a.seed)
+    tok = load_tokenizer(a.model)
+    model = load_fp_model(a.model)
+    calib = sample_windows(tokenize_file(a.calib, tok), a.calib_samples, a.seq_len, a.seed)
+    eval_ids = pack_windows(tokenize_file(a.eval, tok), a.seq_len, a.eval_tokens)
+    configs = [(n, m, QuantSpec.from_dict({"weight": w}), kw) for n, m, w, kw in DEFAULT_CONFIGS
+               if not a.only or any(s in n for s in a.only)]
+    t0 = time.time()
+    rows = ptq_sweep(model, configs, calib, eval_ids, a.seq_len,
+                     on_row=lambda r: print(f"{r.name:24s} ppl {r.perplexity:12.2f}  bpw {r.bits_per_weight:.3f}  "
+                                            f"{r.seconds:6.1f}s", file=sys.stderr, flush=True))
+    out = Path(a.out)
+    (out / "ptq").mkdir(parents=True, exist_ok=True)
+    env = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "total_seconds": round(time.time() - t0, 1),
+           "command": "python scripts/bench_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "protocol": {"eval": Path(a.eval).name, "eval_tokens": int(eval_ids.numel()), "seq_len": a.seq_len,
+                        "calib": Path(a.calib).name, "calib_samples": a.calib_samples, "seed": a.seed}}
+    results = {"env": env, "rows": [r.__dict__ for r in rows]}
+    (out / "ptq" / "results.json").write_text(json.dumps(results, indent=2))
+    ref_path = out / "ptq" / "llmcompressor.json"
+    ref = json.loads(ref_path.read_text()) if ref_path.is_file() else None
+    write_report(out, results, ref)
+    return 0
+
+
+def write_report(out: Path, results: dict, ref: dict | None) -> None:
+    env, rows = results["env"], results["rows"]
+    fp = rows[0]["perplexity"]
+    lines = [
+        "# PTQ baselines (RTN, GPTQ) on the default model",
+        "",
+        f"Measured by `{env['command']}` on {env['device']}, torch {env['torch']}, {env['total_seconds']} s in all.",
+        f"Perplexity on the first {env['protocol']['eval_tokens']} tokens of {env['protocol']['eval']} "
+        f"(windows of {env['protocol']['seq_len']}, bos once); calibration {env['protocol']['calib_samples']} x "
+        f"{env['protocol']['seq_len']} tokens sampled from {env['protocol']['calib']} (seed {env['protocol']['seed']}).",
+        "",
+        "| config | perplexity | x FP | bits/weight (with scales, zeros) | PTQ time (s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity'] / fp:.2f} | "
+                     f"{r['bits_per_weight']:.3f} | {r['seconds']:.0f} |")
+    if ref:
+        lines += ["", f"llm-compressor {ref['version']} GPTQ, same model, data and protocol "
+                  f"(`{ref['command']}`, {ref['device']}):", "",
+                  "| config | perplexity | ours (GPTQ, same budget) | ours / theirs |", "| --- | ---: | ---: | ---: |"]
+        ours = {r["name"]: r["perplexity"] for r in rows}
+        for r in ref["rows"]:
+            mine = ours.get(f"GPTQ {r['config']}")
+            ratio = f"{mine / r['perplexity']:.3f}" if mine else "-"
+            lines.append(f"| {r['config']} | {r['perplexity']:.2f} | {mine:.2f} | {ratio} |" if mine else
+                         f"| {r['config']} | {r['perplexity']:.2f} | - | - |")
+    (out / "PTQ.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, marker in (("rtn", "o"), ("gptq", "s")):
+            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows
+                         if r["method"] == method and "act-order" not in r["name"])
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=method.upper())
+        ax.axhline(fp, color="k", ls="--", label=f"FP ({fp:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (incl. metadata)")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.set_title("PTQ: perplexity vs bits")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "ptq" / "ppl_vs_bits.png", dpi=120)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
