@@ -1,11 +1,12 @@
 """The `qat` command. Each subcommand lives beside the code it drives, in a module exposing
 `register(subparsers)` (adds its parser and sets `func`); this file only dispatches and turns expected errors into one
-clear line on stderr and exit status 2.
+clear line on stderr and exit status 2 (set QAT_DEBUG=1 for the full traceback).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module that registers it (imported only when needed: `qat eval` never pays for lightning)
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except _expected_errors() as e:
+        if os.environ.get("QAT_DEBUG"):  # full traceback for bug reports
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"qat {args.command}: error: {msg}", file=sys.stderr)
         return 2
