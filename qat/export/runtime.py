@@ -1,0 +1,163 @@
+"""PackedLinear: the inference module that replaces a QuantLinear in a loaded export.
+
+It holds only the packed weight tensors (buffers named exactly as in model.safetensors), the bias, the activation
+quantizer's runtime parameters and the input-rotation signs, and computes what QuantLinear computes in eval mode:
+
+    x -> block-Hadamard rotation (if any) -> activation fake-quant (if any) -> qat_kernels linear on the packed weight
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qat.config import ActSpec, QuantSpec
+from qat_kernels.hadamard import block_hadamard, hadamard_block_size
+
+KernelLinear = Callable[[torch.Tensor, str, dict, dict, "torch.Tensor | None"], torch.Tensor]
+
+
+def kernel_meta(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, Any]:
+    """The static description of one packed layer that qat_kernels.dispatch.linear needs next to its tensors.
+    Activation quantization is applied by PackedLinear itself (act_bits left at 16 here), exactly as QuantLinear
+    applies it, so the learned clipping parameters need no kernel-side equivalent."""
+    w = spec.weight
+    group = -1 if w.format == "vq" else w.group_for(in_features)  # vq has no groups (one affine map per layer)
+    meta: dict[str, Any] = {"in_features": in_features, "out_features": out_features, "group_size": group}
+    if w.format == "uniform":
+        meta["bits"] = w.bits
+    elif w.format == "vq":
+        meta.update(bits=w.bits, vq_dim=w.vq_dim, hadamard_block=w.hadamard_block)
+    return meta
+
+
+def dispatch_linear() -> KernelLinear | None:
+    """qat_kernels.dispatch.linear when that module is importable (Triton on GPU, reference on CPU)."""
+    try:
+        from qat_kernels.dispatch import linear
+    except ImportError:
+        return None
+    return linear
+
+
+def dispatch_supports(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
+    """Whether the dispatcher knows this format/layout (checked on shapes only, so meta tensors work)."""
+    try:
+        from qat_kernels.dispatch import layer_spec
+    except ImportError:
+        return False
+    try:
+        layer_spec(fmt, packed, meta)
+    except ValueError:
+        return False
+    return True
+
+
+_UNPACKERS: dict[tuple, nn.Module] = {}
+
+
+def unpack_linear(x: torch.Tensor, spec: QuantSpec, out_features: int, in_features: int,
+                  packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """Fallback for a format the dispatcher does not handle yet: dequantize with the format's own unpack()
+    (bit-exact with the training forward), then the reference dense matmul."""
+    from qat.quantizers import make_weight_quantizer
+    from qat_kernels.reference import linear_dense
+
+    key = (json.dumps(spec.weight.__dict__, sort_keys=True), out_features, in_features)
+    q = _UNPACKERS.get(key)
+    if q is None:
+        with torch.device("meta"):  # unpack() uses only the static shape information
+            q = make_weight_quantizer(spec.weight, out_features, in_features)
+        _UNPACKERS[key] = q
+    return linear_dense(x, q.unpack(packed), bias)
+
+
+class PackedLinear(nn.Module):
+    """Inference-only linear over a packed weight; built from tensors (real or meta) keyed as in the export."""
+
+    def __init__(self, spec: QuantSpec, out_features: int, in_features: int, packed: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, act_params: dict[str, torch.Tensor] | None = None,
+                 rotation_signs: torch.Tensor | None = None):
+        super().__init__()
+        self.spec, self.out_features, self.in_features = spec, out_features, in_features
+        self.format = spec.weight.format
+        self.meta = kernel_meta(spec, out_features, in_features)
+        self.packed_names = sorted(packed)
+        for k, v in packed.items():
+            self.register_buffer(k, v)
+        self.use_dispatch: bool | None = None  # decided on the first forward, once the tensors hold data
+        self.register_buffer("bias", bias)
+        self.act_quantizer = PackedActQuantizer(spec.act, act_params or {}) if spec.act.enabled else None
+        if spec.act.enabled and spec.act.hadamard:
+            self.rotation_block = hadamard_block_size(in_features, 128)  # as QuantLinear chooses it
+            if rotation_signs is None:
+                raise ValueError("PackedLinear: input rotation needs rotation_signs")
+            self.register_buffer("rotation_signs", rotation_signs)
+        else:
+            self.rotation_block = 0
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.packed_names}
+
+    def prepare(self) -> None:
+        """Complete the kernel meta from the loaded tensors and pick the path: the dispatcher (Triton on GPU) when it
+        knows this layout, else the format's own unpack()."""
+        packed = self.packed()
+        if "hadamard_blocks" in packed:  # vq: block sizes are data; hand them over as ints (no read-back per call)
+            self.meta["block_in"], self.meta["block_out"] = (int(v) for v in packed["hadamard_blocks"].tolist())
+        self.use_dispatch = dispatch_supports(self.format, packed, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dispatch is None:
+            self.prepare()
+        if self.rotation_block:
+            x = block_hadamard(x, self.rotation_signs, self.rotation_block)
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        if self.use_dispatch:
+            # on CPU ask for the reference path directly ("auto" would probe the Triton interpreter first)
+            backend = "auto" if x.is_cuda else "reference"
+            return dispatch_linear()(x, self.format, self.packed(), self.meta, self.bias, backend=backend)
+        return unpack_linear(x, self.spec, self.out_features, self.in_features, self.packed(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.spec.describe()}"
+
+
+def act_static_params(act: ActSpec) -> dict[str, Any]:
+    """The non-learned entries of ActQuantizer.export_params() for this spec (knee levels at their default split)."""
+    from qat_kernels.act_quant import knee_levels
+
+    out: dict[str, Any] = {"mode": act.mode, "bits": act.bits, "sym": act.sym}
+    if act.mode == "knee":
+        out["levels_in"], out["levels_out"] = knee_levels(act.bits)
+    return out
+
+
+class PackedActQuantizer(nn.Module):
+    """Inference form of ActQuantizer: its learned factors as float32 0-d buffers, applied with
+    qat_kernels.act_quant exactly as ActQuantizer's eval forward does."""
+
+    def __init__(self, act: ActSpec, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.static = act_static_params(act)
+        need = ["clip_hi", "clip_lo"] + (["knee_hi", "knee_lo"] if act.mode == "knee" else [])
+        missing = [k for k in need if k not in params]
+        if missing:
+            raise ValueError(f"activation quantizer parameters missing {missing}")
+        for k in need:
+            self.register_buffer(k, params[k])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qat_kernels.act_quant import fake_quant_knee_per_token, fake_quant_per_token
+
+        st = self.static
+        if st["mode"] == "uniform":
+            return fake_quant_per_token(x, st["bits"], self.clip_hi, self.clip_lo, st["sym"])
+        return fake_quant_knee_per_token(x, st["bits"], self.clip_hi, self.clip_lo, self.knee_hi, self.knee_lo,
+                                         st["sym"], levels_out=st["levels_out"])
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.static.items())
