@@ -8,7 +8,8 @@ meta    plain ints/bools/floats describing the layer:
           in_features, out_features, group_size (-1 = whole row), bits (uniform: 1..8; binary11: 1 if given)
           act_bits (16 = no activation quantization, default), act_sym (default False),
           act_clip_hi, act_clip_lo (per-token clipping factors, default 1.0)
-          vq: the entries dequant_vq needs (see kernels/reference.py)
+          vq: no group_size/bits needed; block_in, block_out (Hadamard block sizes; when absent they are read from
+              packed["hadamard_blocks"], a device->host copy per call on GPU), the vector length d is A's size
 backend "auto"      Triton when x is a CUDA tensor and the kernels support the layer, reference otherwise
         "reference" dequantize in float32 with kernels/reference.py, then F.linear (the ground truth)
         "triton"    the Triton kernels (on CPU only under TRITON_INTERPRET=1); an unsupported layer is a ValueError
@@ -63,7 +64,7 @@ def layer_spec(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) 
     if fmt not in FORMATS:
         raise ValueError(f"linear: unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     n_in, n_out = _int_meta(meta, "in_features", fmt), _int_meta(meta, "out_features", fmt)
-    g = _int_meta(meta, "group_size", fmt)
+    g = _int_meta(meta, "group_size", fmt) if fmt != "vq" or "group_size" in meta else -1  # vq has no groups
     g = n_in if g == -1 else g
     if n_in <= 0 or n_out <= 0 or g <= 0 or n_in % g:
         raise ValueError(f"linear({fmt}): group_size {g} must divide in_features {n_in} (both positive)")
@@ -97,8 +98,38 @@ def layer_spec(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return spec
 
 
+def _vq_block(packed: dict, meta: dict, key: str, index: int, width: int) -> int:
+    """Hadamard block size from meta[key], else from packed['hadamard_blocks'] (a read-back: put it in meta on GPU)."""
+    if key in meta:
+        block = _int_meta(meta, key, "vq")
+    elif "hadamard_blocks" in packed and packed["hadamard_blocks"].numel() == 2:
+        block = int(packed["hadamard_blocks"][index])
+    else:
+        raise ValueError(f"linear(vq): meta is missing {key!r} (and packed has no 'hadamard_blocks' [2])")
+    if block < 1 or block & (block - 1) or width % block:
+        raise ValueError(f"linear(vq): Hadamard {key} {block} must be a power of two dividing {width}")
+    return block
+
+
 def _vq_spec(spec: dict, packed: dict, meta: dict) -> None:
-    raise ValueError("linear(vq): the VQ layout is not available yet (kernels/reference.py has no dequant_vq)")
+    n_in, n_out = spec["in_features"], spec["out_features"]
+    if "A" not in packed or packed["A"].dim() != 2 or packed["A"].shape[0] != packed["A"].shape[1]:
+        raise ValueError(f"linear(vq): packed['A'] must be a square [d, d] matrix, got "
+                         f"{tuple(packed['A'].shape) if 'A' in packed else 'nothing'}")
+    d = packed["A"].shape[0]
+    if n_in % d:
+        raise ValueError(f"linear(vq): vector length {d} (A is {d}x{d}) does not divide in_features {n_in}")
+    _check_tensor(packed, "codes", (n_out, packed_width(n_in, 2)), (torch.uint8,), "vq")
+    _check_tensor(packed, "A", (d, d), _FLOATS, "vq")
+    _check_tensor(packed, "b", (d,), _FLOATS, "vq")
+    _check_tensor(packed, "s_u", (n_in,), _FLOATS, "vq")
+    _check_tensor(packed, "s_v", (n_out,), _FLOATS, "vq")
+    _check_tensor(packed, "signs_in", (n_in,), (torch.int8,), "vq")
+    _check_tensor(packed, "signs_out", (n_out,), (torch.int8,), "vq")
+    spec["bits"] = 2
+    spec["vq_dim"] = d
+    spec["block_in"] = _vq_block(packed, meta, "block_in", 0, n_in)
+    spec["block_out"] = _vq_block(packed, meta, "block_out", 1, n_out)
 
 
 # ---- reference path ---------------------------------------------------------------------------------------------
@@ -116,7 +147,9 @@ def _dequantize(spec: dict, packed: dict) -> torch.Tensor:
     if spec["fmt"] == "binary11":
         return reference.dequant_binary11(packed["signs"], packed["bitmap"], packed["alpha"], packed["mu"],
                                           group_size=g, in_features=n_in)
-    raise ValueError(f"linear: no reference dequantization for {spec['fmt']!r}")
+    return reference.dequant_vq(packed["codes"], packed["A"], packed["b"], packed["s_u"], packed["s_v"],
+                                packed["signs_in"], packed["signs_out"], block_in=spec["block_in"],
+                                block_out=spec["block_out"], in_features=n_in)
 
 
 def quantize_activations(x: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -183,13 +216,13 @@ def linear(x: torch.Tensor, fmt: str, packed: dict[str, torch.Tensor], meta: dic
         raise ValueError(f"linear({fmt}): bias has shape {tuple(bias.shape)}, expected ({spec['out_features']},)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, spec["in_features"])
-    if backend == "reference":
+    if backend == "reference" or (backend == "auto" and not x2.is_cuda):
         use_triton = False
     else:
         reason = triton_support(spec, x2)
         if backend == "triton" and reason is not None:
             raise ValueError(f"linear({fmt}): backend='triton' cannot run this layer: {reason}")
-        use_triton = reason is None and (backend == "triton" or x2.is_cuda)
+        use_triton = reason is None
     if use_triton:
         y = _triton_linear(x2, spec, packed, bias)
     else:

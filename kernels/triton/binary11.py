@@ -13,6 +13,7 @@ import triton.language as tl
 from qat_kernels.triton.common import (
     Config,
     accumulate,
+    finish_rows,
     k_per_split,
     launch_grid,
     output_buffer,
@@ -42,6 +43,8 @@ def _binary11_matmul_kernel(
     WORDS_PER_TILE: tl.constexpr = BLOCK_K // 32
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ROWS_K: tl.constexpr = BLOCK_K if BLOCK_M == 1 else 1  # GEMV's elementwise partial sums
+    acc_rows = tl.zeros([BLOCK_N, ROWS_K], dtype=tl.float32)
     k_begin = tl.program_id(1) * k_split
     k_end = tl.minimum(k_begin + k_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -63,7 +66,8 @@ def _binary11_matmul_kernel(
         pair1 = tl.reshape(pair1, [BLOCK_N, GPT, SUB])
         alpha = tl.where(pair1, a1, a0)
         w = tl.where(tl.reshape(positive, [BLOCK_N, GPT, SUB]), alpha, -alpha) + tl.where(pair1, m1, m0)
-        acc = accumulate(acc, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT)
+        acc, acc_rows = accumulate(acc, acc_rows, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT)
+    acc = finish_rows(acc, acc_rows)
     store_output(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 

@@ -168,15 +168,28 @@ def codes_as_float(codes):
 
 
 @triton.jit
-def accumulate(acc, x, w, USE_DOT: tl.constexpr):
-    """acc[BM, BN] += x[BM, BK] @ w[BN, BK]^T; w is the dequantized float32 tile."""
+def accumulate(acc, acc_rows, x, w, USE_DOT: tl.constexpr):
+    """acc[BM, BN] += x[BM, BK] @ w[BN, BK]^T, w the dequantized float32 tile.
+
+    A one-row GEMV (BM == 1) instead adds the products elementwise into acc_rows [BN, BK] and reduces once after the
+    K loop (finish_rows): a cross-thread reduction per tile would cost more than the tile's arithmetic."""
     if USE_DOT:
         if x.dtype == tl.float32:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    elif x.shape[0] == 1:
+        acc_rows += w * x.to(tl.float32)
     else:
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    return acc, acc_rows
+
+
+@triton.jit
+def finish_rows(acc, acc_rows):
+    """Fold a one-row GEMV's elementwise partial products into acc (no-op for the other paths)."""
+    if acc.shape[0] == 1:
+        acc += tl.sum(acc_rows, axis=1)[None, :]
     return acc
 
 

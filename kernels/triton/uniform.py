@@ -15,6 +15,7 @@ from qat_kernels.triton.common import (
     Config,
     accumulate,
     codes_as_float,
+    finish_rows,
     gather_codes,
     k_per_split,
     launch_grid,
@@ -46,6 +47,8 @@ def _uniform_matmul_kernel(
     WORDS_PER_TILE: tl.constexpr = BLOCK_K * BITS // 32
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ROWS_K: tl.constexpr = BLOCK_K if BLOCK_M == 1 else 1  # GEMV's elementwise partial sums
+    acc_rows = tl.zeros([BLOCK_N, ROWS_K], dtype=tl.float32)
     k_begin = tl.program_id(1) * k_split
     k_end = tl.minimum(k_begin + k_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -66,7 +69,8 @@ def _uniform_matmul_kernel(
         zero = tl.load(z_ptr + gidx, mask=gmask, other=0).to(tl.float32) + MAGIC
         w = tl.reshape(codes_as_float(codes), [BLOCK_N, GPT, SUB])
         w = (w - zero[:, :, None]) * scale[:, :, None]  # (q - z) exactly, times s: the reference's float32 W_hat
-        acc = accumulate(acc, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT)
+        acc, acc_rows = accumulate(acc, acc_rows, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT)
+    acc = finish_rows(acc, acc_rows)
     store_output(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
