@@ -64,16 +64,17 @@ def pick_config(M: int, N: int, K: int, group_size: int, bits: int, device_index
     """A launch config for an [M, K] x [N, K]^T product (None if the group size leaves no usable tile).
 
     Heuristics (written for H100, not tuned on hardware: see docs/KERNELS.md):
-    - M <= 4: GEMV, 8 weight rows x 512 columns per step, 4 warps; split-K only when the row blocks would not fill
-      the SMs twice (short-wide layers, e.g. 1024 x 4096).
+    - M <= 4: GEMV, 8 weight rows x 512 / M columns per step, 4 warps; split-K only when the row blocks would not
+      fill the SMs twice (short-wide layers, e.g. 1024 x 4096).
     - 4 < M <= 64: tl.dot with a 16/32/64-row tile, wide N tiles, split-K to reach ~2 programs per SM.
     - M > 64: a GEMM tile of 128 x 128 (64 rows when M <= 128) with grouped ordering for L2 reuse.
     """
     sms = sm_count(device_index)
     if M <= 4:
         bm = 1 if M == 1 else triton.next_power_of_2(M)
-        cfg = {"block_m": bm, "block_n": 8, "block_k": 512 if bits <= 4 else 256, "use_dot": False, "num_warps": 4,
-                   "num_stages": 2}
+        # the [block_m, 8, block_k] product stays at <= 32 float32 registers per thread
+        bk = (512 if bits <= 4 else 256) // bm
+        cfg = {"block_m": bm, "block_n": 8, "block_k": bk, "use_dot": False, "num_warps": 4, "num_stages": 2}
     elif M <= 64:
         bm = max(16, triton.next_power_of_2(M))
         cfg = {"block_m": bm, "block_n": 64, "block_k": 128, "use_dot": True, "num_warps": 4, "num_stages": 3}
