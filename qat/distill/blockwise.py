@@ -1,0 +1,253 @@
+"""Stage 1: block-wise distillation (EfficientQAT Block-AP, LBLLM WAT, ACBQ units, CBQ windows).
+
+The model's decoder is cut into units: whole blocks (`units: block`) or, for ACBQ, each block's attention and MLP
+residual units (`units: acbq`; block == mlp_unit(attn_unit(h))). Windows of `window` consecutive units, consecutive
+windows sharing `overlap` units (CBQ's sliding window), are trained one after the other, shallow to deep:
+
+    student input   S_start: the calibration windows run through the student's *already trained* units before the
+                    window (so the window learns to compensate the error of the quantized prefix)
+    target          T_end: the teacher's hidden state after the window, on the FP path
+    loss            block_loss(window(S_start), T_end)                 (mse | token_mse | cosine, sink weighting)
+                    + block_loss(window(T_start), T_end)                if homologous (CBQ: FP-input path)
+                    + w * block_loss(next units(window out), T_next)    if cross_unit_weight (ACBQ consistency)
+                    + polarization of trained binary11 bitmaps
+Only the active window's selected parameters have requires_grad and optimizer state; when the window ends its
+optimizer is dropped, bitmaps leaving it are hardened, and S advances through the units it will no longer train.
+
+Caches: teacher hidden states are computed once per stage, boundary by boundary as the windows move (each teacher
+unit runs exactly once), and kept only while a window needs them; every cache is an ActivationStore, in memory or in
+a file under <run_dir>/cache above `spill_mb`. Resuming at window w recomputes S_start and the teacher boundaries it
+needs from the (deterministic) embeddings with the same row chunks, which reproduces the caches bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.distill.cache import ActivationStore
+from qat.distill.losses import block_loss
+from qat.distill.recipe import StageSpec
+from qat.distill.stage import BatchOrder, DistillContext, Stage, stage_seed
+from qat.models import capture_block_inputs, run_block, run_unit
+
+
+def make_units(n_blocks: int, kind: str) -> list[tuple[int, str]]:
+    if kind == "block":
+        return [(i, "block") for i in range(n_blocks)]
+    return [(i, part) for i in range(n_blocks) for part in ("attn", "mlp")]
+
+
+def make_windows(n_units: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[(start, end)) unit ranges: `window` units each, consecutive windows sharing `overlap` units; the last window
+    is cut at the end of the model."""
+    out, start = [], 0
+    while True:
+        end = min(start + window, n_units)
+        out.append((start, end))
+        if end >= n_units:
+            return out
+        start += window - overlap
+
+
+class BlockwiseStage(Stage):
+    kind = "blockwise"
+
+    def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
+        super().__init__(ctx, spec, index)
+        ad = ctx.adapter
+        if spec.units == "acbq" and ad.parallel_residual:
+            raise ValueError(f"{self.label}: units acbq needs sequential attention/MLP residuals; "
+                             f"{ad.family} blocks are parallel-residual (use units: block)")
+        self.blocks_s = ad.blocks(ctx.student)
+        self.blocks_t = ad.blocks(ctx.teacher)
+        self.units = make_units(len(self.blocks_s), spec.units)
+        self.windows = make_windows(len(self.units), spec.window, spec.overlap)
+        n = ctx.train_ids.shape[0] if spec.samples is None else min(spec.samples, ctx.train_ids.shape[0])
+        self.ids = ctx.train_ids[:n]
+        self.steps_per_window = spec.steps_for(n)
+        self.total_steps = len(self.windows) * self.steps_per_window
+        self.window_idx, self.step_in_window = 0, 0
+        self.unit_errors: list[float] = []  # ACBQ adaptive weight: first-step loss of every window so far
+        self.omega = 0.0
+        self.window_log: list[dict] = []
+        self.S: ActivationStore | None = None
+        self.S_at = 0
+        self.T: dict[int, ActivationStore] = {}
+        self.kwargs: dict = {}
+        self.order: BatchOrder | None = None
+        self._first_loss = float("nan")
+
+    # ---- units and caches ---------------------------------------------------------------------------------------
+    def unit_prefixes(self, u: int) -> list[str]:
+        ad, (b, part) = self.ctx.adapter, self.units[u]
+        base = f"{ad.blocks_path}.{b}"
+        if part == "block":
+            return [base]
+        if part == "attn":
+            return [f"{base}.{ad.attn}", f"{base}.{ad.attn_norm}"]
+        return [f"{base}.{m}" for m in ad.mlp] + [f"{base}.{ad.mlp_norm}"]
+
+    def run_unit(self, blocks, u: int, h: torch.Tensor) -> torch.Tensor:
+        b, part = self.units[u]
+        if part == "block":
+            return run_block(blocks[b], h, self.kwargs)
+        return run_unit(self.ctx.adapter, blocks[b], part, h, self.kwargs)
+
+    def _store(self, t: torch.Tensor) -> ActivationStore:
+        return ActivationStore.from_tensor(t, self.spec.spill_mb * 2**20, self.ctx.run_dir / "cache")
+
+    @torch.no_grad()
+    def _advance(self, store: ActivationStore, blocks, units: range) -> None:
+        """Run `units` over every row of `store` in place (fixed row chunks, so replays are bit-identical)."""
+        dev, b = self.ctx.device, self.ctx.infer_batch
+        for u in units:
+            for i in range(0, len(store), b):
+                sl = slice(i, i + b)
+                store.put(sl, self.run_unit(blocks, u, store.get(sl, dev)))
+
+    @torch.no_grad()
+    def _teacher_at(self, boundary: int) -> ActivationStore:
+        """Teacher hidden state entering unit `boundary` (= leaving unit boundary-1), computed forward from the
+        deepest boundary held."""
+        if boundary in self.T:
+            return self.T[boundary]
+        src = max(k for k in self.T if k < boundary)
+        dev, b = self.ctx.device, self.ctx.infer_batch
+        prev = self.T[src]
+        for u in range(src, boundary):
+            nxt = ActivationStore(prev.shape, prev.dtype, prev.device, self.spec.spill_mb * 2**20,
+                                  self.ctx.run_dir / "cache")
+            for i in range(0, len(prev), b):
+                sl = slice(i, i + b)
+                nxt.put(sl, self.run_unit(self.blocks_t, u, prev.get(sl, dev)))
+            self.T[u + 1] = nxt
+            prev = nxt
+        return self.T[boundary]
+
+    def _needed_boundaries(self, w: int) -> list[int]:
+        start, end = self.windows[w]
+        need = [start, end]
+        if self.spec.loss.cross_unit_weight > 0:
+            need += [min(end + c + 1, len(self.units)) for c in range(self.spec.loss.cross_units)]
+        return sorted(set(need))
+
+    # ---- stage protocol -----------------------------------------------------------------------------------------
+    def begin(self, state: dict | None) -> None:
+        ctx = self.ctx
+        ctx.act_bypass.set(self.spec.acts_on)
+        h_t, self.kwargs = capture_block_inputs(ctx.teacher, self.ids, ctx.adapter, ctx.infer_batch)
+        h_s, _ = capture_block_inputs(ctx.student, self.ids, ctx.adapter, ctx.infer_batch)
+        self.T = {0: self._store(h_t)}
+        self.S, self.S_at = self._store(h_s), 0
+        del h_t, h_s
+        if state:
+            self.window_idx = int(state["window"])
+            self.step_in_window = int(state["step_in_window"])
+            self.unit_errors = list(state["unit_errors"])
+            self.omega = float(state["omega"])
+            self.window_log = list(state["window_log"])
+            self._first_loss = float(state.get("first_loss", float("nan")))
+        self.step = self.window_idx * self.steps_per_window + self.step_in_window
+        if not self.done:
+            self._enter_window(state)
+
+    def _enter_window(self, state: dict | None = None) -> None:
+        w = self.window_idx
+        start, end = self.windows[w]
+        self._advance(self.S, self.blocks_s, range(self.S_at, start))
+        self.S_at = start
+        for bnd in self._needed_boundaries(w):
+            self._teacher_at(bnd)
+        for k in [k for k in self.T if k < start]:
+            self.T.pop(k).close()
+        self.prefixes = [p for u in range(start, end) for p in self.unit_prefixes(u)]
+        self.make_trainable(self.prefixes, self.steps_per_window)
+        self.bitmaps = self.bitmap_quantizers(self.prefixes)
+        self.order = BatchOrder(len(self.ids), self.spec.batch_size, stage_seed(self.ctx.seed, self.index, w))
+        if state:
+            self.load_opt_state(state)
+            self.order.load_state_dict(state["order"])
+
+    def _forward(self, blocks, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
+        for u in range(start, end):
+            h = self.run_unit(blocks, u, h)
+        return h
+
+    def train_step(self) -> dict:
+        ctx, lo = self.ctx, self.spec.loss
+        self.before_step()
+        start, end = self.windows[self.window_idx]
+        idx = self.order.next()
+        dev = ctx.device
+        target = self.T[end].get(idx, dev)
+        out = self._forward(self.blocks_s, start, end, self.S.get(idx, dev))
+        main = block_loss(out, target, lo.kind, lo.sink_weight, lo.cosine_weight)
+        loss = main
+        if lo.homologous:
+            out_fp = self._forward(self.blocks_s, start, end, self.T[start].get(idx, dev))
+            loss = loss + block_loss(out_fp, target, lo.kind, lo.sink_weight, lo.cosine_weight)
+        if self.step_in_window == 0:
+            self._first_loss = float(main.detach())
+            if lo.cross_unit_weight > 0:
+                self.unit_errors.append(self._first_loss)
+                mean_e = sum(self.unit_errors) / len(self.unit_errors)
+                ratio = self._first_loss / mean_e if lo.adaptive_cross and mean_e > 0 else 1.0
+                self.omega = lo.cross_unit_weight * min(max(ratio, 0.5), 2.0)
+        if lo.cross_unit_weight > 0 and end < len(self.units):
+            h = out
+            for c in range(lo.cross_units):
+                u = end + c
+                if u >= len(self.units):
+                    break
+                h = self.run_unit(self.blocks_s, u, h)
+                loss = loss + self.omega * block_loss(h, self.T[u + 1].get(idx, dev), lo.kind, lo.sink_weight,
+                                                      lo.cosine_weight)
+        pol = self.polarization(self.bitmaps, self.step_in_window / max(self.steps_per_window - 1, 1))
+        if pol is not None:
+            loss = loss + pol
+        value = self.optimize(loss)
+        self.step_in_window += 1
+        self.step += 1
+        if self.step_in_window == self.steps_per_window:
+            self._finish_window(value)
+        return {"loss": value, "main_loss": float(main.detach()), "tokens": int(idx.numel() * self.ids.shape[1])}
+
+    def _finish_window(self, last_loss: float) -> None:
+        w = self.window_idx
+        start, end = self.windows[w]
+        nxt = self.windows[w + 1][0] if w + 1 < len(self.windows) else len(self.units)
+        leaving = [p for u in range(start, nxt) for p in self.unit_prefixes(u)]
+        self.harden(self.bitmap_quantizers(leaving))
+        self.window_log.append({"window": w, "units": [start, end], "first_loss": self._first_loss,
+                                "last_loss": last_loss, "blocks": sorted({self.units[u][0] for u in range(start, end)})})
+        self.release()
+        self.window_idx += 1
+        self.step_in_window = 0
+        if w + 1 < len(self.windows):
+            self._enter_window()
+
+    def end(self) -> None:
+        self.release()
+        for s in [self.S, *self.T.values()]:
+            if s is not None:
+                s.close()
+        self.S, self.T = None, {}
+
+    def state_dict(self) -> dict:
+        return {"window": self.window_idx, "step_in_window": self.step_in_window, "unit_errors": self.unit_errors,
+                "omega": self.omega, "window_log": self.window_log, "first_loss": self._first_loss,
+                "order": self.order.state_dict() if self.order and not self.done else None,
+                **(self.opt_state() if not self.done else {})}
+
+    def where(self) -> str:
+        w = min(self.window_idx, len(self.windows) - 1)
+        start, end = self.windows[w]
+        names = ", ".join(f"block {b}" + ("" if p == "block" else f" {p}") for b, p in self.units[start:end])
+        return (f"{self.label} window {w + 1}/{len(self.windows)} [{names}] "
+                f"step {self.step_in_window + 1}/{self.steps_per_window}")
+
+    def progress(self) -> dict:
+        w = min(self.window_idx, len(self.windows) - 1)
+        start, end = self.windows[w]
+        return {"step": self.step, "total": self.total_steps, "window": w, "n_windows": len(self.windows),
+                "step_in_window": self.step_in_window, "steps_per_window": self.steps_per_window,
+                "blocks": sorted({self.units[u][0] for u in range(start, end)})}

@@ -1,0 +1,82 @@
+"""Stage 2: end-to-end distillation (EfficientQAT E2E-QP, BitDistiller, LC-QAT).
+
+The whole student runs on batches of training windows against the frozen FP teacher, whose logits are computed on the
+fly under no_grad (caching [N, L, vocab] logits would cost far more disk than recomputing them). Loss: kl | reverse_kl
+| cakld | ce on the logits (qat/distill/losses.py), + ce_weight * next-token CE, + hidden_weight * token_mse over every
+block's output hidden state, + polarization of trained binary11 bitmaps. What trains is the recipe's `train` list over
+the whole model: e.g. [wq.scale] for EfficientQAT's E2E-QP (step sizes only), [wq] for all quantizer parameters, or
+[latent, wq] for full QAT.
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.distill.losses import block_loss, logits_loss, next_token_ce, teacher_confidence
+from qat.distill.recipe import StageSpec
+from qat.distill.stage import BatchOrder, DistillContext, Stage, stage_seed
+
+GAMMA_WINDOWS = 16  # windows used to estimate the teacher confidence of CAKLD
+
+
+class E2EStage(Stage):
+    kind = "e2e"
+
+    def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
+        super().__init__(ctx, spec, index)
+        self.ids = ctx.train_ids
+        self.total_steps = spec.steps_for(self.ids.shape[0])
+        self.gamma: float | None = None
+        self.order: BatchOrder | None = None
+
+    def begin(self, state: dict | None) -> None:
+        ctx = self.ctx
+        ctx.act_bypass.set(self.spec.acts_on)
+        self.make_trainable(None, self.total_steps)
+        self.bitmaps = self.bitmap_quantizers(None)
+        self.order = BatchOrder(self.ids.shape[0], self.spec.batch_size, stage_seed(ctx.seed, self.index))
+        if state:
+            self.step = int(state["step"])
+            self.gamma = state.get("gamma")
+            self.load_opt_state(state)
+            self.order.load_state_dict(state["order"])
+        if self.spec.loss.kind == "cakld" and self.gamma is None:
+            self.gamma = teacher_confidence(ctx.teacher, self.ids[:GAMMA_WINDOWS], ctx.infer_batch)
+
+    def train_step(self) -> dict:
+        ctx, lo = self.ctx, self.spec.loss
+        self.before_step()
+        idx = self.order.next()
+        x = self.ids[idx].to(ctx.device)
+        hidden = lo.hidden_weight > 0
+        need_teacher = lo.kind != "ce" or hidden
+        t_out = None
+        if need_teacher:
+            with torch.no_grad():
+                t_out = ctx.teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
+        s_out = ctx.student(input_ids=x, use_cache=False, output_hidden_states=hidden)
+        main = logits_loss(lo.kind, s_out.logits, None if t_out is None else t_out.logits, x,
+                           temperature=lo.temperature, gamma=self.gamma)
+        loss = main
+        if lo.ce_weight > 0:
+            loss = loss + lo.ce_weight * next_token_ce(s_out.logits, x)
+        if hidden:
+            pairs = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+            h = torch.stack([block_loss(s, t, "token_mse", lo.sink_weight) for s, t in pairs]).mean()
+            loss = loss + lo.hidden_weight * h
+        pol = self.polarization(self.bitmaps, self.step / max(self.total_steps - 1, 1))
+        if pol is not None:
+            loss = loss + pol
+        value = self.optimize(loss)
+        self.step += 1
+        return {"loss": value, "main_loss": float(main.detach()), "tokens": int(x.numel())}
+
+    def end(self) -> None:
+        self.harden(self.bitmaps)
+        self.release()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "gamma": self.gamma, "order": self.order.state_dict() if self.order else None,
+                **(self.opt_state() if not self.done else {})}
+
+    def where(self) -> str:
+        return f"{self.label} step {min(self.step + 1, self.total_steps)}/{self.total_steps}"

@@ -1,0 +1,529 @@
+"""Distillation recipes: dataclasses that describe a whole `qat distill` run and validate themselves.
+
+A Recipe names the teacher model, the quant spec, how the student starts (PTQ init or an existing PTQ student
+checkpoint), the training data (a text corpus, or sequences sampled from the teacher and cached to disk), the held-out
+text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act),
+which parameter classes train (see qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
+
+Recipes are YAML files (configs/<model>/<method>.yaml). `load_recipe` reads one through the same jsonargparse parser
+the CLI uses (so a file and the command line accept exactly the same keys), then validates it here: every problem is
+one RecipeError line naming the stage and the field, raised before any model is loaded.
+"""
+import copy
+import dataclasses
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from qat.config import ActSpec, QuantConfigError, QuantSpec, WeightSpec
+
+STAGE_KINDS = ("blockwise", "e2e", "act")
+BLOCK_LOSSES = ("mse", "token_mse", "cosine")
+E2E_LOSSES = ("kl", "reverse_kl", "cakld", "ce")
+UNIT_KINDS = ("block", "acbq")
+ACT_OBJECTIVES = ("blockwise", "e2e")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("cosine", "linear", "constant")
+PTQ_METHODS = ("rtn", "gptq")
+DATA_SOURCES = ("text", "teacher")
+PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
+DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
+
+
+class RecipeError(QuantConfigError):
+    """A recipe that cannot run (unknown stage kind or loss, bad budget, a student of another format...)."""
+
+
+def check_selector(sel: str, where: str) -> None:
+    """A `train` entry: a parameter class, a class leaf ('wq.scale', 'act.clip_max_logit') or 're:<regex>'."""
+    if sel.startswith("re:"):
+        try:
+            re.compile(sel[3:])
+        except re.error as e:
+            raise RecipeError(f"{where}: bad regular expression {sel!r} ({e})") from None
+        return
+    head, _, leaf = sel.partition(".")
+    if head not in PARAM_CLASSES or (leaf and head not in ("wq", "act")):
+        raise RecipeError(f"{where}: unknown parameter class {sel!r}; known: {', '.join(PARAM_CLASSES)}, "
+                          "wq.<name> / act.<name> for one quantizer parameter, or re:<regex> on parameter names")
+
+
+def _parser_mirror(cls, name: str, replace: dict | None = None):
+    """A plain copy of a qat.config spec dataclass for the argument parser: same fields, types and *class* defaults,
+    no __post_init__. jsonargparse would otherwise take defaults from a validated instance (WeightSpec().bits == 4),
+    which turns `quant: {weight: {format: binary11}}` into binary11 with bits 4. QuantSpec.from_dict validates later."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        typ = (replace or {}).get(f.name, hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            fields.append((f.name, typ, field(default=f.default)))
+        elif (replace or {}).get(f.name) is not None:
+            fields.append((f.name, typ, field(default_factory=typ)))
+        else:
+            fields.append((f.name, typ, field(default_factory=f.default_factory)))
+    mirror = dataclasses.make_dataclass(name, fields)
+    mirror.__module__ = __name__  # importable by name: jsonargparse resolves classes by their import path
+    return mirror
+
+
+WeightArgs = _parser_mirror(WeightSpec, "WeightArgs")
+ActArgs = _parser_mirror(ActSpec, "ActArgs")
+QuantArgs = _parser_mirror(QuantSpec, "QuantArgs", {"weight": WeightArgs, "act": ActArgs})
+
+
+@dataclass
+class PTQInit:
+    """How the student is initialised when no existing student checkpoint is given.
+
+    method         rtn | gptq (block-sequential, qat.ptq.pipeline.ptq_quantize)
+    calib_samples  calibration windows (sampled from data.train_file, or the teacher-generated pool)
+    seq_len        calibration window length
+    """
+
+    method: str = "gptq"
+    calib_samples: int = 64
+    seq_len: int = 512
+    act_order: bool = False
+    damp: float = 0.01
+
+
+@dataclass
+class DataSpec:
+    """Training windows, shared by every stage.
+
+    source       text: `num_samples` windows of `seq_len` tokens at seeded random offsets of `train_file`
+                 teacher: `num_samples` sequences sampled from the teacher (BitDistiller-style), prompted with the
+                 first `prompt_len` tokens of a train_file window (or the bos token alone), cached on disk
+    cache_dir    where teacher samples are cached (default: <run_dir>/data)
+    """
+
+    source: str = "text"
+    train_file: str | None = None
+    seq_len: int = 512
+    num_samples: int = 128
+    prompt_len: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    gen_batch_size: int = 16
+    cache_dir: str | None = None
+
+
+@dataclass
+class EvalSpec:
+    """Validation perplexity of the student before stage 1 and after every stage (skipped when file is None)."""
+
+    file: str | None = None
+    max_tokens: int = 4096
+    seq_len: int = 512
+    batch_size: int = 4
+
+
+@dataclass
+class LossSpec:
+    """Stage loss.
+
+    kind               blockwise/act: mse | token_mse (per-token MSE divided by the teacher token's mean square, so
+                       the attention-sink position cannot dominate) | cosine (1 - cos per token)
+                       e2e: kl (KL(teacher||student)) | reverse_kl | cakld (BitDistiller) | ce (next-token CE)
+                       None = token_mse for block-wise objectives, kl for e2e
+    sink_weight        block losses: weight of sequence position 0 (the attention sink); 0 leaves it out
+    cosine_weight      block losses: + w * (1 - cos(student, teacher)) per token
+    hidden_weight      e2e: + w * token_mse over every block's output hidden state
+    ce_weight          e2e: + w * next-token cross-entropy on the data (mix with a KL loss)
+    temperature        e2e: softmax temperature of the KL terms (multiplied back by T^2)
+    cross_unit_weight  block-wise (ACBQ): + w * loss on the outputs of the next `cross_units` units, run with their
+                       current quantized parameters (gradients reach only the active window)
+    adaptive_cross     scale cross_unit_weight by clip(e_unit / mean e, 0.5, 2), e = the unit's loss at its first step
+    homologous         block-wise (CBQ): also reconstruct the target from the teacher's (FP-path) window input
+    """
+
+    kind: str | None = None
+    sink_weight: float = 1.0
+    cosine_weight: float = 0.0
+    hidden_weight: float = 0.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    cross_unit_weight: float = 0.0
+    cross_units: int = 1
+    adaptive_cross: bool = True
+    homologous: bool = False
+
+
+@dataclass
+class OptimSpec:
+    """AdamW (or bitsandbytes 8-bit AdamW, falling back to AdamW with a warning where it cannot run).
+
+    lr            learning rate per `train` entry (e.g. {latent: 2e-5, wq: 1e-4}); entries not listed use default_lr
+    schedule      cosine | linear | constant, after `warmup` steps (a value < 1 is a fraction of the budget)
+    grad_clip     max gradient norm (0 = off)
+    """
+
+    name: str = "adamw"
+    lr: dict[str, float] = field(default_factory=dict)
+    default_lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup: float = 0.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class PolarizeSpec:
+    """binary11 bitmap polarization (LBLLM WAT): + weight * mean_layers(L_reg(beta)), beta annealed start -> end
+    linearly over each window (blockwise) or the stage (e2e); bitmaps are hardened when their window/stage ends."""
+
+    weight: float = 0.0
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    harden: bool = True
+
+
+@dataclass
+class StageSpec:
+    """One distillation stage.
+
+    kind          blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen)
+    train         parameter classes that train (None = the kind's default: blockwise latent+wq, e2e wq, act act)
+    steps/epochs  budget, exactly one of them: optimizer steps (blockwise: per window) or passes over the windows
+    samples       blockwise/act: how many data windows are cached as the calibration set (None = all)
+    units         blockwise: block (a decoder block per unit) | acbq (attention and MLP as separate units)
+    window        units trained jointly (CBQ's k); overlap: units shared by consecutive windows (CBQ's s)
+    act_quant     run the activation quantizers during this stage (None = only in act stages)
+    objective     act stages: blockwise (LBLLM AAR, layer-wise reconstruction) | e2e (logit distillation)
+    act_temperature  act stages: [start, end] of the knee soft-mask temperature, annealed geometrically
+    spill_mb      blockwise: activation caches larger than this live in a file under the run directory
+    """
+
+    kind: str = "blockwise"
+    name: str | None = None
+    train: list[str] | None = None
+    loss: LossSpec = field(default_factory=LossSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    samples: int | None = None
+    units: str = "block"
+    window: int = 1
+    overlap: int = 0
+    act_quant: bool | None = None
+    objective: str = "blockwise"
+    polarize: PolarizeSpec = field(default_factory=PolarizeSpec)
+    act_temperature: list[float] | None = None
+    spill_mb: float = 2048.0
+
+    def validate(self, i: int) -> None:
+        w = f"stage {i}" + (f" ({self.name})" if self.name else "")
+        if self.kind not in STAGE_KINDS:
+            raise RecipeError(f"{w}: unknown stage kind {self.kind!r}; supported: {', '.join(STAGE_KINDS)}")
+        self.name = self.name or f"{self.kind}{i}"
+        if self.train is None:
+            self.train = list(DEFAULT_TRAIN[self.kind])
+        if not self.train:
+            raise RecipeError(f"{w}: train lists no parameters")
+        for sel in self.train:
+            check_selector(sel, w)
+        if self.kind == "act" and any(s == "latent" or s == "bias" for s in self.train):
+            raise RecipeError(f"{w}: act stages keep the weights frozen; remove 'latent'/'bias' from train")
+        if self.kind == "act" and self.objective not in ACT_OBJECTIVES:
+            raise RecipeError(f"{w}: unknown act objective {self.objective!r}; supported: {', '.join(ACT_OBJECTIVES)}")
+        block_objective = self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
+        losses = BLOCK_LOSSES if block_objective else E2E_LOSSES
+        if self.loss.kind is None:
+            self.loss.kind = "token_mse" if block_objective else "kl"
+        if self.loss.kind not in losses:
+            raise RecipeError(f"{w}: unknown loss {self.loss.kind!r} for "
+                              f"{'a block-wise' if block_objective else 'an end-to-end'} objective; supported: "
+                              f"{', '.join(losses)}")
+        if (self.steps is None) == (self.epochs is None):
+            raise RecipeError(f"{w}: give exactly one of steps or epochs")
+        if self.steps is not None and self.steps < 1:
+            raise RecipeError(f"{w}: steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise RecipeError(f"{w}: epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise RecipeError(f"{w}: batch_size must be >= 1, got {self.batch_size}")
+        if self.samples is not None and self.samples < 1:
+            raise RecipeError(f"{w}: samples must be >= 1, got {self.samples}")
+        if self.units not in UNIT_KINDS:
+            raise RecipeError(f"{w}: unknown units {self.units!r}; supported: {', '.join(UNIT_KINDS)}")
+        if self.window < 1 or not 0 <= self.overlap < self.window:
+            raise RecipeError(f"{w}: need window >= 1 and 0 <= overlap < window, got window={self.window}, "
+                              f"overlap={self.overlap}")
+        if self.loss.cross_units < 1:
+            raise RecipeError(f"{w}: loss.cross_units must be >= 1, got {self.loss.cross_units}")
+        if self.loss.sink_weight < 0 or self.loss.cosine_weight < 0 or self.loss.cross_unit_weight < 0:
+            raise RecipeError(f"{w}: loss weights must be >= 0")
+        if not self.loss.temperature > 0:
+            raise RecipeError(f"{w}: loss.temperature must be > 0, got {self.loss.temperature}")
+        o = self.optim
+        if o.name not in OPTIMIZERS:
+            raise RecipeError(f"{w}: unknown optimizer {o.name!r}; supported: {', '.join(OPTIMIZERS)}")
+        if o.schedule not in SCHEDULES:
+            raise RecipeError(f"{w}: unknown schedule {o.schedule!r}; supported: {', '.join(SCHEDULES)}")
+        unknown_lr = sorted(set(o.lr) - set(self.train))
+        if unknown_lr:
+            raise RecipeError(f"{w}: optim.lr names {unknown_lr}, which are not in train {self.train}")
+        if any(not v >= 0 for v in [*o.lr.values(), o.default_lr]):
+            raise RecipeError(f"{w}: learning rates must be >= 0")
+        if len(o.betas) != 2:
+            raise RecipeError(f"{w}: optim.betas needs two values, got {o.betas}")
+        if o.warmup < 0 or not 0 <= o.min_lr_ratio <= 1 or o.grad_clip < 0:
+            raise RecipeError(f"{w}: need warmup >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
+        if self.polarize.weight < 0 or not (self.polarize.beta_start > 0 and self.polarize.beta_end > 0):
+            raise RecipeError(f"{w}: polarize needs weight >= 0 and positive betas")
+        if self.act_temperature is not None:
+            t = self.act_temperature
+            if self.kind != "act":
+                raise RecipeError(f"{w}: act_temperature only applies to act stages")
+            if len(t) != 2 or not (t[0] > 0 and t[1] > 0):
+                raise RecipeError(f"{w}: act_temperature needs [start, end] > 0, got {t}")
+
+    @property
+    def block_objective(self) -> bool:
+        return self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
+
+    @property
+    def acts_on(self) -> bool:
+        return self.kind == "act" if self.act_quant is None else bool(self.act_quant)
+
+    def steps_for(self, n_windows_of_data: int) -> int:
+        """Optimizer steps (per window for block-wise objectives) for a pool of `n_windows_of_data` sequences."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_windows_of_data / self.batch_size))
+
+
+@dataclass
+class Recipe:
+    """A `qat distill` run. Paths are relative to the working directory; $VARS and ~ are expanded.
+
+    model      local HF model directory: the frozen FP teacher and the student's architecture
+    student    an existing PTQ student checkpoint (qat ptq) to start from instead of `ptq`
+    output     the student checkpoint directory written at the end (the run's state lives in run_dir)
+    run_dir    Lightning checkpoints, TensorBoard logs, caches (default: <output>.run)
+    quant      the quant spec (qat.config.QuantSpec); may be omitted when `student` is given
+    """
+
+    model: str | None = None
+    student: str | None = None
+    output: str | None = None
+    run_dir: str | None = None
+    quant: QuantArgs | None = None  # becomes a validated QuantSpec in validate()
+    ptq: PTQInit = field(default_factory=PTQInit)
+    data: DataSpec = field(default_factory=DataSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    stages: list[StageSpec] = field(default_factory=list)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "32-true"
+    checkpoint_every: int = 100
+    progress: bool = True
+
+    def validate(self) -> "Recipe":
+        if not self.stages:
+            raise RecipeError("recipe has no stages")
+        for i, s in enumerate(self.stages):
+            s.validate(i)
+        if isinstance(self.quant, dict):
+            self.quant = QuantSpec.from_dict(self.quant)  # raises QuantConfigError naming the bad field
+        if self.quant is None and self.student is None:
+            raise RecipeError("recipe needs a quant spec (quant:) or an existing student checkpoint (--student)")
+        if self.ptq.method not in PTQ_METHODS:
+            raise RecipeError(f"unknown PTQ method {self.ptq.method!r}; supported: {', '.join(PTQ_METHODS)}")
+        if self.ptq.calib_samples < 1 or self.ptq.seq_len < 2:
+            raise RecipeError("ptq needs calib_samples >= 1 and seq_len >= 2")
+        d = self.data
+        if d.source not in DATA_SOURCES:
+            raise RecipeError(f"unknown data source {d.source!r}; supported: {', '.join(DATA_SOURCES)}")
+        if d.source == "text" and not d.train_file:
+            raise RecipeError("data.source text needs data.train_file")
+        if d.seq_len < 2 or d.num_samples < 1:
+            raise RecipeError("data needs seq_len >= 2 and num_samples >= 1")
+        if d.source == "teacher" and not 0 <= d.prompt_len < d.seq_len:
+            raise RecipeError(f"data.prompt_len must be in [0, seq_len), got {d.prompt_len}")
+        if self.eval.max_tokens < self.eval.seq_len:
+            raise RecipeError(f"eval.max_tokens {self.eval.max_tokens} is less than one window of {self.eval.seq_len}")
+        if self.checkpoint_every < 1:
+            raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.precision not in ("32-true", "bf16-mixed", "16-mixed", "bf16-true"):
+            raise RecipeError(f"unknown precision {self.precision!r}; use 32-true, bf16-mixed, 16-mixed or bf16-true")
+        spec = self.quant_spec()
+        if spec is not None:
+            for i, s in enumerate(self.stages):
+                if s.kind == "act" and not spec.act.enabled:
+                    raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
+                                      f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
+        for name in ("model", "student", "output", "run_dir"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, _expand(v))
+        for obj, name in ((d, "train_file"), (d, "cache_dir"), (self.eval, "file")):
+            v = getattr(obj, name)
+            if v is not None:
+                setattr(obj, name, _expand(v))
+        return self
+
+    def quant_spec(self) -> QuantSpec | None:
+        return self.quant
+
+    def resolved_run_dir(self) -> str:
+        if self.run_dir:
+            return self.run_dir
+        if not self.output:
+            raise RecipeError("recipe needs an output directory (--output)")
+        return self.output.rstrip("/") + ".run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _expand(p: str) -> str:
+    return os.path.expanduser(os.path.expandvars(str(p)))
+
+
+# ---- parsing: one jsonargparse parser for YAML files and command lines --------------------------------------------
+
+_INDEX_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z0-9_.]+)(?:=(.*))?$", re.DOTALL)
+
+
+def build_parser(prog: str = "qat distill"):
+    """The `qat distill` argument parser: --config, --resume, --overwrite, plus one option per Recipe field
+    (generated from the dataclass signatures by jsonargparse: --model, --ptq.method, --data.train_file, ...)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog=prog, exit_on_error=False, description=(
+        "Staged quantization-aware distillation (block-wise -> end-to-end -> activations) of a student against its "
+        "FP teacher. Stage keys: --stages.<i>.<key> VALUE overrides one key of stage i (e.g. --stages.0.steps 50); "
+        "--stages.<key> VALUE overrides the last stage."))
+    p.add_argument("--config", action=ActionConfigFile, help="recipe YAML (configs/<model>/<method>.yaml)")
+    p.add_argument("--resume", type=str | None, default=None,
+                   help="'last' (the run directory's last checkpoint) or a checkpoint path")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output / run directory")
+    p.add_class_arguments(Recipe, nested_key=None, fail_untyped=False)
+    return p
+
+
+def _split_index_overrides(argv: list[str]) -> tuple[list[str], list[tuple[int, str, str]]]:
+    """Pull `--stages.<i>.<key> VALUE` (or `=VALUE`) out of argv: jsonargparse has no per-index list syntax."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        m = _INDEX_OVERRIDE.match(argv[i])
+        if not m:
+            rest.append(argv[i])
+            i += 1
+            continue
+        if m.group(3) is not None:
+            value, i = m.group(3), i + 1
+        elif i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        else:
+            raise RecipeError(f"{argv[i]} needs a value")
+        overrides.append((int(m.group(1)), m.group(2), value))
+    return rest, overrides
+
+
+def _apply_index_override(stages: list, idx: int, key: str, value: str) -> None:
+    if not 0 <= idx < len(stages):
+        raise RecipeError(f"--stages.{idx}.{key}: the recipe has {len(stages)} stage(s)")
+    node = stages[idx]
+    *parents, leaf = key.split(".")
+    for k in parents:
+        if not isinstance(node, dict) or k not in node or not isinstance(node[k], dict):
+            raise RecipeError(f"--stages.{idx}.{key}: stages have no key {k!r}")
+        node = node[k]
+    if leaf not in node and not (parents and parents[-1] == "lr"):
+        raise RecipeError(f"--stages.{idx}.{key}: unknown stage key {leaf!r}")
+    node[leaf] = _parse_value(value)
+
+
+def _parse_value(s: str):
+    """A command-line value: int, float ('3e-3' too, which YAML 1.1 reads as a string), else YAML."""
+    import yaml
+
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return yaml.safe_load(s)
+
+
+def _argument_error(e: Exception) -> RecipeError:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return RecipeError("recipe: " + " ".join(lines[:4]))
+
+
+def parse_args(argv: list[str], prog: str = "qat distill") -> tuple[Recipe, dict[str, Any]]:
+    """(validated Recipe, {'resume', 'overwrite'}) from a command line."""
+    from jsonargparse import ArgumentError
+
+    parser = build_parser(prog)
+    rest, index_overrides = _split_index_overrides(list(argv))
+    try:
+        ns = parser.parse_args(rest)
+    except ArgumentError as e:
+        raise _argument_error(e) from None
+    d = ns.as_dict()
+    d.pop("config", None)
+    extra = {"resume": d.pop("resume", None), "overwrite": bool(d.pop("overwrite", False))}
+    if index_overrides:
+        for idx, key, value in index_overrides:
+            _apply_index_override(d["stages"], idx, key, value)
+        try:  # type-check the edited recipe again (parse_object turns nested dicts into Namespaces: give it a copy)
+            d = parser.parse_object(copy.deepcopy({**d, **extra})).as_dict()
+        except ArgumentError as e:
+            raise _argument_error(e) from None
+    for k in ("config", "resume", "overwrite"):
+        d.pop(k, None)
+    return recipe_from_dict(d), extra
+
+
+def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    """Recipe from a plain dict (as parsed); unknown keys raise RecipeError."""
+
+    def build(cls, value, where):
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        kwargs = {}
+        for k, v in value.items():
+            sub = _NESTED.get((cls, k))
+            kwargs[k] = build(sub, v, f"{where}.{k}") if sub else v
+        return cls(**kwargs)
+
+    d = dict(d)
+    stages = d.pop("stages", None) or []
+    if not isinstance(stages, list):
+        raise RecipeError("stages: expected a list of stages")
+    recipe = build(Recipe, d, "recipe")
+    recipe.stages = [build(StageSpec, s, f"stages.{i}") for i, s in enumerate(stages)]
+    return recipe.validate()
+
+
+_NESTED = {
+    (Recipe, "ptq"): PTQInit, (Recipe, "data"): DataSpec, (Recipe, "eval"): EvalSpec,
+    (StageSpec, "loss"): LossSpec, (StageSpec, "optim"): OptimSpec, (StageSpec, "polarize"): PolarizeSpec,
+}
+
+
+def load_recipe(path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe file (plus optional command-line style overrides) -> validated Recipe."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    recipe, _ = parse_args(["--config", str(path), *(overrides or [])])
+    return recipe

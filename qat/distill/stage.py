@@ -1,0 +1,213 @@
+"""What every stage shares: the run context, the seeded batch order, the optimizer step with its NaN guard, and the
+binary11 bitmap helpers (polarization, hardening).
+
+A stage is driven one optimizer step at a time by the LightningModule (qat/distill/module.py):
+    begin(state)    build caches/optimizer; `state` is the stage's own state_dict() when resuming mid-stage
+    train_step()    one optimizer step -> {"loss": float, "tokens": int}
+    done            True once the budget is spent;  end(): finish (harden bitmaps, free caches)
+    state_dict()    everything needed to continue bit-exactly: position, optimizer + scheduler state, data order
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.config import QuantSpec
+from qat.distill import params as P
+from qat.distill.optim import build_optimizer, build_scheduler
+from qat.distill.recipe import StageSpec
+from qat.nn import QuantLinear
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or its gradient) became NaN/inf; names the stage, window/block and step."""
+
+
+@dataclass
+class DistillContext:
+    """Everything the stages share."""
+
+    student: nn.Module
+    teacher: nn.Module
+    adapter: Any
+    spec: QuantSpec
+    train_ids: torch.Tensor  # [N, L] int64 training windows (CPU)
+    device: torch.device
+    run_dir: Path
+    seed: int = 0
+    designed: dict[str, bool] = field(default_factory=dict)  # trainable by design, snapshot at run start
+    backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()
+    last_checkpoint: Callable[[], str | None] = lambda: None
+    act_bypass: P.ActBypass | None = None
+    infer_batch: int = 8  # rows per no-grad forward when propagating caches (fixed: resume replays the same chunks)
+
+    def __post_init__(self):
+        self.classes = P.classify(self.student)
+        if self.act_bypass is None:
+            self.act_bypass = P.ActBypass(self.student)
+
+
+class BatchOrder:
+    """Batches of row indices from a seeded permutation per epoch; the position (epoch, cursor) is the whole state,
+    so a resumed run draws exactly the batches the interrupted one would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.epoch, self.cursor = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > self.n:
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        idx = self._permutation()[self.cursor: self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.cursor, self._perm = int(s["epoch"]), int(s["cursor"]), None
+
+
+def stage_seed(base: int, stage: int, window: int = 0) -> int:
+    return base * 1_000_003 + stage * 10_007 + window
+
+
+class Stage:
+    kind = ""
+
+    def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
+        self.ctx, self.spec, self.index = ctx, spec, index
+        self.opt: torch.optim.Optimizer | None = None
+        self.sched = None
+        self.params: list[nn.Parameter] = []
+        self.param_names: list[str] = []
+        self.last_loss = float("nan")
+
+    # ---- to implement -------------------------------------------------------------------------------------------
+    total_steps: int = 0
+    step: int = 0  # steps done in this stage
+
+    def begin(self, state: dict | None) -> None: ...
+    def train_step(self) -> dict: ...
+    def before_step(self) -> None:
+        """Called at the start of every train_step (the act stage anneals its temperature here)."""
+
+    def end(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def where(self) -> str: ...
+    def progress(self) -> dict: return {"step": self.step, "total": self.total_steps}
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index} ({self.spec.name}, {self.spec.kind})"
+
+    # ---- shared machinery ---------------------------------------------------------------------------------------
+    def make_trainable(self, prefixes: list[str] | None, total_steps: int) -> None:
+        """requires_grad only on the selected parameters under `prefixes`; a fresh optimizer + schedule for them."""
+        ctx = self.ctx
+        P.freeze_all(ctx.student)
+        groups = P.select(ctx.student, self.spec.train, prefixes, ctx.designed, ctx.classes)
+        opt_groups, self.params, self.param_names = [], [], []
+        for sel, items in groups.items():
+            if not items:
+                continue
+            ps = [p for _, p in items]
+            for p in ps:
+                p.requires_grad_(True)
+            self.params += ps
+            self.param_names += [n for n, _ in items]
+            opt_groups.append({"params": ps, "lr": self.spec.optim.lr.get(sel, self.spec.optim.default_lr),
+                               "name": sel})
+        if not opt_groups:
+            raise ValueError(f"{self.where()}: nothing to train (train {self.spec.train} matches no parameter here)")
+        self.opt = build_optimizer(opt_groups, self.spec.optim, ctx.device)
+        self.sched = build_scheduler(self.opt, self.spec.optim, total_steps)
+
+    def release(self) -> None:
+        self.opt, self.sched, self.params, self.param_names = None, None, [], []
+        P.freeze_all(self.ctx.student)
+
+    def optimize(self, loss: torch.Tensor) -> float:
+        """Backward + (clipped) step with the NaN guard: a non-finite loss or gradient stops before the update."""
+        value = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            self.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._nan_message("loss", value))
+        self.ctx.backward(loss)
+        clip = self.spec.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._nan_message("gradient norm", float(norm)))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = value
+        return value
+
+    def _nan_message(self, what: str, value: float) -> str:
+        ckpt = self.ctx.last_checkpoint()
+        keep = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint was written yet"
+        return f"non-finite {what} ({value}) at {self.where()}; training stopped, {keep}"
+
+    def lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)} if self.opt else {}
+
+    def opt_state(self) -> dict:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()} if self.opt else {}
+
+    def load_opt_state(self, s: dict) -> None:
+        if s.get("opt") is not None:
+            self.opt.load_state_dict(s["opt"])
+            self.sched.load_state_dict(s["sched"])
+
+    # ---- binary11 bitmaps ---------------------------------------------------------------------------------------
+    def bitmap_quantizers(self, prefixes: list[str] | None = None) -> list[nn.Module]:
+        """Weight quantizers with a polarizable bitmap (binary11) under `prefixes` (None = whole model) whose bitmap
+        this stage trains: only those are polarized and hardened, so a stage never changes what it does not train."""
+        out = []
+        for name, m in self.ctx.student.named_modules():
+            if not isinstance(m, QuantLinear) or not hasattr(m.weight_quantizer, "polarization_loss"):
+                continue
+            if prefixes is not None and not any(name.startswith(p + ".") for p in prefixes):
+                continue
+            if self._selects(f"{name}.weight_quantizer.bitmap_fp"):
+                out.append(m.weight_quantizer)
+        return out
+
+    def _selects(self, name: str) -> bool:
+        if not self.ctx.designed.get(name, True):
+            return False
+        cls, leaf = self.ctx.classes[name]
+        return any(P.matches(s, name, cls, leaf) for s in self.spec.train)
+
+    def polarization(self, quantizers: list[nn.Module], frac: float) -> torch.Tensor | None:
+        pol = self.spec.polarize
+        if pol.weight <= 0 or not quantizers:
+            return None
+        beta = pol.beta_start + (pol.beta_end - pol.beta_start) * min(max(frac, 0.0), 1.0)
+        return pol.weight * torch.stack([q.polarization_loss(beta) for q in quantizers]).mean()
+
+    def harden(self, quantizers: list[nn.Module]) -> int:
+        if not self.spec.polarize.harden:
+            return 0
+        for q in quantizers:
+            q.harden()
+        return len(quantizers)

@@ -1,0 +1,504 @@
+"""The staged distillation trainer (qat/distill) on tiny random models: stage order, which parameters each stage may
+change, the frozen teacher, the saved student, bit-exact resume, bad input, losses, CBQ/ACBQ windows, disk spill,
+binary11 hardening, teacher-generated data, the 8-bit optimizer fallback and the CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_model
+from lightning.pytorch.callbacks import Callback
+
+TINY_RECIPE = REPO / "configs" / "tiny" / "w2-three-stages.yaml"
+
+
+# ---- tiny model directory: random llama + a byte-level tokenizer (vocab 256 = the tiny model's) ----------------------
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, wikitext_valid):
+    d = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama")
+    model.save_pretrained(d / "model")
+    _byte_tokenizer().save_pretrained(d / "model")
+    text = wikitext_valid.read_text(encoding="utf-8")
+    (d / "train.txt").write_text(text[:20000], encoding="utf-8")
+    (d / "val.txt").write_text(text[20000:30000], encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed CPU (10x faster here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
+
+
+def recipe_for(tiny_dir, out, *overrides, path=TINY_RECIPE):
+    from qat.distill.recipe import load_recipe
+
+    return load_recipe(path, ["--model", str(tiny_dir / "model"), "--data.train_file", str(tiny_dir / "train.txt"),
+                              "--eval.file", str(tiny_dir / "val.txt"), "--output", str(out), *overrides])
+
+
+def run(recipe, **kw):
+    from qat.distill.run import run_distill
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_distill(recipe, tensorboard=kw.pop("tensorboard", False), **kw)
+
+
+class Recorder(Callback):
+    """Stage start/end events and a state snapshot at every stage boundary."""
+
+    def __init__(self):
+        self.events, self.snapshots, self.steps = [], [], []
+
+    def on_distill_stage_start(self, trainer, module):
+        from qat.distill.params import state_fingerprint
+
+        self.events.append(("start", module.stage_index, module.stage.spec.kind, module.global_step_))
+        self.snapshots.append(state_fingerprint(module.student))
+
+    def on_distill_stage_end(self, trainer, module):
+        from qat.distill.params import state_fingerprint
+
+        self.events.append(("end", module.stage_index, module.stage.spec.kind, module.global_step_))
+        self.snapshots.append(state_fingerprint(module.student))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.steps.append(module.global_step_)
+
+
+class KillAt(Callback):
+    """Simulates a kill after global step `n` (after that step's checkpoint decision)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.global_step_ == self.n:
+            raise KeyError(f"simulated kill at step {self.n}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dir, tmp_path_factory):
+    """The tiny three-stage recipe (blockwise 3x4 steps, e2e 6 steps, act 3x3 steps), uninterrupted."""
+    from qat.models.loading import load_fp_model
+
+    out = tmp_path_factory.mktemp("ref") / "student"
+    rec = Recorder()
+    teacher_before = load_fp_model(tiny_dir / "model").state_dict()
+    res = run(recipe_for(tiny_dir, out), callbacks=[rec], tensorboard=True)
+    return {"result": res, "rec": rec, "out": out, "teacher_before": teacher_before}
+
+
+# ---- schedule, parameters, teacher, saved student ---------------------------------------------------------------------
+
+def test_stage_schedule_order(reference_run):
+    rec, res = reference_run["rec"], reference_run["result"]
+    assert rec.events == [("start", 0, "blockwise", 0), ("end", 0, "blockwise", 12),
+                          ("start", 1, "e2e", 12), ("end", 1, "e2e", 18),
+                          ("start", 2, "act", 18), ("end", 2, "act", 27)]
+    assert rec.steps == list(range(1, 28))
+    hist = res["history"]
+    assert [h["stage"] for h in hist] == ["ptq", "block-ap", "e2e-qp", "act-clip"]
+    # block-wise: the three decoder blocks, shallow to deep, each one window of 4 steps
+    assert [w["blocks"] for w in hist[1]["windows"]] == [[0], [1], [2]]
+    assert all(h["val_ppl"] > 1 for h in hist)
+
+
+def _changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_only_declared_parameters_change(reference_run):
+    snaps = reference_run["rec"].snapshots
+    keys = snaps[0].keys()
+    latent_wq = {k for k in keys if k.endswith("proj.weight") or ".weight_quantizer." in k}
+    s0 = _changed(snaps[0], snaps[1])  # block-ap: latent + wq of every block
+    assert s0 and s0 <= latent_wq
+    assert any(k.endswith("proj.weight") for k in s0) and any(k.endswith("weight_quantizer.scale") for k in s0)
+    assert any(k.endswith("weight_quantizer.zero") for k in s0)
+    s1 = _changed(snaps[2], snaps[3])  # e2e-qp: step sizes only
+    assert s1 and all(k.endswith(".weight_quantizer.scale") for k in s1)
+    s2 = _changed(snaps[4], snaps[5])  # act-clip: activation clipping logits only
+    assert s2 and all(".act_quantizer." in k for k in s2)
+    # nothing changes between stages, and norms/embeddings never change
+    assert not _changed(snaps[1], snaps[2]) and not _changed(snaps[3], snaps[4])
+    assert not {k for k in _changed(snaps[0], snaps[5]) if "norm" in k or "embed" in k}
+
+
+def test_teacher_never_changes(reference_run):
+    teacher = reference_run["result"]["module"].teacher
+    before = reference_run["teacher_before"]
+    after = teacher.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_saved_student_reloads_to_same_logits(reference_run):
+    from qat.checkpoint import load_student, read_student_meta
+
+    out = reference_run["out"]
+    student = reference_run["result"]["module"].student.eval()
+    loaded, meta = load_student(out)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, loaded(ids).logits)
+    assert [h["stage"] for h in meta["history"]] == ["ptq", "block-ap", "e2e-qp", "act-clip"]
+    assert read_student_meta(out)["spec"]["weight"]["bits"] == 2
+    assert (out / "distill_summary.png").stat().st_size > 10_000
+    assert list((Path(reference_run["result"]["run_dir"]) / "tb").glob("events.out.tfevents.*"))
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kill_at, every, expect", [
+    (10, 3, {"global_step": 9, "stage_index": 0, "window": 2, "step_in_window": 1}),  # mid window 3 of stage 0
+    (16, 5, {"global_step": 15, "stage_index": 1, "step": 3}),  # mid e2e stage
+])
+def test_resume_mid_stage_is_bit_exact(reference_run, tiny_dir, tmp_path, kill_at, every, expect):
+    """Killed after step `kill_at` (last checkpoint at step expect[global_step]), resumed with --resume last: the final
+    student equals the uninterrupted run's bit for bit. Exact because everything a step depends on is restored or
+    recomputed deterministically: weights and optimizer/scheduler state from the checkpoint, the batch order from
+    (seed, epoch, cursor), the block-wise caches by replaying the same fixed row chunks through the restored prefix."""
+    out = tmp_path / "student"
+    recipe = recipe_for(tiny_dir, out, "--checkpoint_every", str(every))
+    with pytest.raises(KeyError, match=f"simulated kill at step {kill_at}"):
+        run(recipe, callbacks=[KillAt(kill_at)])
+    assert not out.exists()
+    last = json.loads((Path(str(out) + ".run") / "checkpoints" / "last.json").read_text())
+    assert last["global_step"] == expect["global_step"]
+
+    rec = Recorder()
+    res = run(recipe_for(tiny_dir, out, "--checkpoint_every", str(every)), resume="last", callbacks=[rec])
+    module = res["module"]
+    r = module.resumed_from
+    assert r["global_step"] == expect["global_step"] and r["stage_index"] == expect["stage_index"]
+    for k in ("window", "step_in_window", "step"):
+        if k in expect:
+            assert r["stage_state"][k] == expect[k]
+    assert rec.steps[0] == expect["global_step"] + 1 and rec.steps[-1] == 27  # continued, not restarted
+
+    ref = reference_run["result"]["module"].student.state_dict()
+    got = module.student.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    ref_hist = reference_run["result"]["history"]
+    assert [h["val_ppl"] for h in res["history"]] == [h["val_ppl"] for h in ref_hist]
+
+
+def test_resume_refuses_a_fresh_start_over_an_existing_run(reference_run, tiny_dir, tmp_path):
+    out = tmp_path / "student"
+    with pytest.raises(KeyError):
+        run(recipe_for(tiny_dir, out), callbacks=[KillAt(2)])
+    with pytest.raises(FileExistsError, match="already holds a checkpoint; pass --resume last"):
+        run(recipe_for(tiny_dir, out))
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        run(recipe_for(tiny_dir, tmp_path / "other"), resume="last")
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------------
+
+def test_unknown_stage_kind_and_loss(tiny_dir, tmp_path):
+    from qat.distill.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stage 0 \(block-ap\): unknown stage kind 'blockwize'"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.0.kind", "blockwize")
+    with pytest.raises(RecipeError, match=r"stage 1 \(e2e-qp\): unknown loss 'mse' for an end-to-end objective"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.1.loss.kind", "mse")
+    with pytest.raises(RecipeError, match=r"stage 0 \(block-ap\): unknown loss 'l1' for a block-wise objective"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.0.loss.kind", "l1")
+    with pytest.raises(RecipeError, match="unknown parameter class 'weights'"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.0.train", "[weights]")
+    with pytest.raises(RecipeError, match="act stages keep the weights frozen"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.2.train", "[act, latent]")
+    with pytest.raises(RecipeError, match="need window >= 1 and 0 <= overlap < window"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.0.window", "2", "--stages.0.overlap", "2")
+    with pytest.raises(RecipeError, match="unknown key"):
+        from qat.distill.recipe import recipe_from_dict
+
+        recipe_from_dict({"quant": {}, "stages": [{"kind": "e2e", "steps": 1, "stepz": 3}]})
+
+
+def test_cli_prints_one_error_line_before_any_work(tiny_dir, tmp_path, capsys):
+    from qat.cli import main
+
+    rc = main(["distill", "--config", str(TINY_RECIPE), "--model", str(tiny_dir / "model"), "--output",
+               str(tmp_path / "o"), "--data.train_file", str(tiny_dir / "train.txt"), "--stages.1.kind", "e3e"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [("qat distill: error: stage 1 (e2e-qp): unknown stage kind 'e3e'; supported: "
+                                "blockwise, e2e, act")]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.run").exists()
+
+
+def test_train_entry_matching_nothing_fails_before_work(tiny_dir, tmp_path):
+    from qat.distill.recipe import RecipeError
+
+    r = recipe_for(tiny_dir, tmp_path / "o", "--stages.0.train", "[wq.alpha]", "--stages.0.optim.lr", "{}")
+    with pytest.raises(RecipeError, match=r"stage 0 \(block-ap\): train entry 'wq.alpha' matches no parameter"):
+        run(r)
+    assert not (tmp_path / "o.run").exists()
+
+
+def test_student_checkpoint_of_another_format_is_refused(tiny_dir, tmp_path):
+    from qat.checkpoint import save_student
+    from qat.config import QuantSpec
+    from qat.distill.recipe import RecipeError
+    from qat.models.loading import load_fp_model, load_tokenizer
+    from qat.nn import quantize_model
+
+    model = load_fp_model(tiny_dir / "model")
+    spec = QuantSpec.from_dict({"weight": {"format": "uniform", "bits": 4, "group_size": 32}})
+    quantize_model(model, spec)
+    save_student(model, load_tokenizer(tiny_dir / "model"), spec, tmp_path / "ptq-w4")
+    r = recipe_for(tiny_dir, tmp_path / "o", "--student", str(tmp_path / "ptq-w4"))
+    with pytest.raises(RecipeError, match=r"recipe quant W2g32A4 does not match the PTQ student .*\(W4g32\)"):
+        run(r)
+    assert not (tmp_path / "o.run").exists()
+    # the matching format starts from the given student (no PTQ)
+    r = recipe_for(tiny_dir, tmp_path / "o", "--student", str(tmp_path / "ptq-w4"), "--quant.weight.bits", "4",
+                   "--quant.act.bits", "16", "--stages", "[{kind: e2e, steps: 2, train: [wq]}]")
+    res = run(r)
+    assert res["global_steps"] == 2 and json.loads((tmp_path / "o" / "qat_student.json").read_text())["init"] == {
+        "student": str(tmp_path / "ptq-w4")}
+
+
+class PoisonAt(Callback):
+    """Writes NaN into a norm weight after step n, so the next step's loss is NaN."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.global_step_ == self.n:
+            with torch.no_grad():
+                for name, p in module.student.named_parameters():
+                    if "layernorm" in name:
+                        p.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_location_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
+    from qat.distill.stage import NonFiniteLossError
+
+    out = tmp_path / "o"
+    r = recipe_for(tiny_dir, out, "--checkpoint_every", "100")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at stage 0 \(block-ap, blockwise\) "
+                                                 r"window 2/3 \[block 1\] step 2/4; training stopped, kept the last "
+                                                 r"good checkpoint .*last\.ckpt"):
+        run(r, callbacks=[PoisonAt(5)])
+    assert not out.exists()
+    ckpt = torch.load(Path(str(out) + ".run") / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["qat_distill"]["global_step"] == 4  # the window-1 boundary, before the poison
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------------
+
+def test_cli_override_syntax():
+    from qat.distill.recipe import load_recipe
+
+    r = load_recipe(TINY_RECIPE, ["--model", "m", "--output", "o", "--data.train_file", "t.txt",
+                                  "--stages.0.steps", "7", "--stages.1.loss.kind=cakld", "--stages.batch_size", "2",
+                                  "--stages.0.optim.lr.wq", "3e-3", "--quant.weight.group_size", "64",
+                                  "--ptq.method", "gptq"])
+    assert r.stages[0].steps == 7 and r.stages[1].loss.kind == "cakld" and r.stages[2].batch_size == 2
+    assert r.stages[0].optim.lr == {"latent": 1e-3, "wq": 3e-3}
+    assert r.quant.weight.group_size == 64 and r.quant.weight.bits == 2 and r.ptq.method == "gptq"
+    # a format switch takes that format's default bits (the parser does not inject another format's default)
+    assert load_recipe(TINY_RECIPE, ["--quant.weight.format", "binary11"]).quant.weight.bits == 2
+    # a mapping merges into the file's (the tiny recipe's A4 stays)
+    assert load_recipe(TINY_RECIPE, ["--quant", "{weight: {format: vq}}"]).quant.describe() == "VQ2A4"
+    from qat.distill.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--stages.5.steps: the recipe has 3 stage\(s\)"):
+        load_recipe(TINY_RECIPE, ["--stages.5.steps", "1"])
+    with pytest.raises(RecipeError, match="unknown stage key 'stepz'"):
+        load_recipe(TINY_RECIPE, ["--stages.0.stepz", "1"])
+
+
+def test_cli_runs_a_recipe_end_to_end(tiny_dir, tmp_path, capsys):
+    from qat.cli import main
+
+    rc = main(["distill", "--config", str(TINY_RECIPE), "--model", str(tiny_dir / "model"), "--output",
+               str(tmp_path / "o"), "--data.train_file", str(tiny_dir / "train.txt"), "--quant.act.bits", "16",
+               "--stages", "[{kind: blockwise, steps: 2, batch_size: 4}]", "--eval.file", str(tiny_dir / "val.txt")])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["steps"] == 6 and set(line["val_ppl"]) == {"ptq", "blockwise0"}
+
+
+# ---- losses -----------------------------------------------------------------------------------------------------------
+
+def test_token_mse_is_not_dominated_by_the_sink_token():
+    from qat.distill.losses import block_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 16, 32, generator=g)
+    t[:, 0] *= 150  # massive activation at position 0
+    s = t + 0.1 * torch.randn(2, 16, 32, generator=g) * t.pow(2).mean(-1, keepdim=True).sqrt()  # 10% error per token
+    s_bad_sink = s.clone()
+    s_bad_sink[:, 1:] = t[:, 1:] + 0.3 * torch.randn(2, 15, 32, generator=g)  # 3x worse on the ordinary tokens
+    # plain MSE barely sees the ordinary tokens; token_mse weighs every position alike
+    mse_ratio = block_loss(s_bad_sink, t, "mse") / block_loss(s, t, "mse")
+    tok_ratio = block_loss(s_bad_sink, t, "token_mse") / block_loss(s, t, "token_mse")
+    assert mse_ratio < 1.2 and tok_ratio > 5
+    # sink_weight=0 leaves position 0 out entirely
+    s2 = s.clone()
+    s2[:, 0] += 1e6
+    assert torch.equal(block_loss(s2, t, "mse", sink_weight=0.0), block_loss(s, t, "mse", sink_weight=0.0))
+    expect = ((s[:, 1:] - t[:, 1:]) ** 2).mean()
+    torch.testing.assert_close(block_loss(s, t, "mse", sink_weight=0.0), expect)
+
+
+def test_logit_losses():
+    from qat.distill.losses import cakld, forward_kl, logits_loss, reverse_kl
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    assert float(forward_kl(a, a)) == pytest.approx(0, abs=1e-6)
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    torch.testing.assert_close(forward_kl(a, b), (pb * (pb.log() - pa.log())).sum(-1).mean())
+    torch.testing.assert_close(reverse_kl(a, b), (pa * (pa.log() - pb.log())).sum(-1).mean())
+    torch.testing.assert_close(cakld(a, b, 1.0), forward_kl(a, b))
+    torch.testing.assert_close(cakld(a, b, 0.0), reverse_kl(a, b))
+    torch.testing.assert_close(cakld(a, b, 0.3), 0.3 * forward_kl(a, b) + 0.7 * reverse_kl(a, b))
+    ce = torch.nn.functional.cross_entropy(a[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(logits_loss("ce", a, None, ids), ce)
+    with pytest.raises(ValueError, match="unknown end-to-end loss 'js'"):
+        logits_loss("js", a, b, ids)
+
+
+# ---- windows, units, caches, formats, data ----------------------------------------------------------------------------
+
+def test_cbq_windows_and_acbq_units():
+    from qat.distill.blockwise import make_units, make_windows
+
+    assert make_windows(5, 1, 0) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert make_windows(5, 2, 1) == [(0, 2), (1, 3), (2, 4), (3, 5)]
+    assert make_windows(5, 3, 1) == [(0, 3), (2, 5)]
+    assert make_windows(6, 3, 0) == [(0, 3), (3, 6)]
+    assert make_units(2, "acbq") == [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
+
+
+BLOCKWISE_ONLY = "[{kind: blockwise, name: bw, steps: 3, batch_size: 4, optim: {default_lr: 1.0e-3}}]"
+
+
+def test_cbq_window_with_overlap_and_disk_spill_are_exact(tiny_dir, tmp_path):
+    """CBQ (window 2, overlap 1, homologous) trains windows [0,1], [1,2]; spilling every cache to disk (spill_mb 0)
+    gives bit-identical results to keeping them in memory."""
+    outs = []
+    for spill in ("2048", "0"):
+        r = recipe_for(tiny_dir, tmp_path / f"o{spill}", "--quant.act.bits", "16", "--eval.file", "null",
+                       "--stages", BLOCKWISE_ONLY, "--stages.0.window", "2", "--stages.0.overlap", "1",
+                       "--stages.0.loss.homologous", "true", "--stages.0.spill_mb", spill)
+        res = run(r)
+        outs.append(res)
+        assert [w["units"] for w in res["history"][-1]["windows"]] == [[0, 2], [1, 3]]
+    a, b = (o["module"].student.state_dict() for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_acbq_units_with_cross_unit_term(tiny_dir, tmp_path):
+    r = recipe_for(tiny_dir, tmp_path / "o", "--eval.file", "null", "--stages", BLOCKWISE_ONLY,
+                   "--stages.0.units", "acbq", "--stages.0.act_quant", "true", "--stages.0.train", "[wq, act]",
+                   "--stages.0.loss.cross_unit_weight", "0.5", "--stages.0.loss.cosine_weight", "0.1")
+    rec = Recorder()
+    res = run(r, callbacks=[rec])
+    windows = res["history"][-1]["windows"]
+    assert [w["units"] for w in windows] == [[i, i + 1] for i in range(6)]  # attn0, mlp0, attn1, ...
+    changed = _changed(rec.snapshots[0], rec.snapshots[1])
+    assert any(".act_quantizer." in k for k in changed)  # activation quantizers ran (act_quant true) and trained
+    assert all(".act_quantizer." in k or ".weight_quantizer." in k for k in changed)
+
+
+def test_binary11_bitmaps_are_polarized_and_hardened(tiny_dir, tmp_path):
+    r = recipe_for(tiny_dir, tmp_path / "o", "--quant", "{weight: {format: binary11, group_size: 32}}",
+                   "--eval.file", "null", "--stages", BLOCKWISE_ONLY, "--stages.0.train", "[latent, wq]",
+                   "--stages.0.polarize.weight", "0.01")
+    res = run(r)
+    from qat.nn import quant_linears
+
+    qs = [m.weight_quantizer for m in quant_linears(res["module"].student).values()]
+    assert qs and all(bool(q.hardened) for q in qs)
+    assert all(((q.bitmap_fp == 0) | (q.bitmap_fp == 1)).all() for q in qs)
+
+
+def test_teacher_generated_data_is_cached(tiny_dir, tmp_path):
+    from qat.distill.data import teacher_windows
+    from qat.distill.recipe import DataSpec
+    from qat.models.loading import load_fp_model, load_tokenizer
+
+    teacher, tok = load_fp_model(tiny_dir / "model"), load_tokenizer(tiny_dir / "model")
+    spec = DataSpec(source="teacher", train_file=str(tiny_dir / "train.txt"), seq_len=24, num_samples=5,
+                    prompt_len=4, gen_batch_size=2)
+    a = teacher_windows(spec, teacher, tok, tiny_dir / "model", 0, tmp_path, progress=False)
+    files = list(tmp_path.glob("teacher-samples-*.pt"))
+    assert a.shape == (5, 24) and len(files) == 1
+    b = teacher_windows(spec, teacher, tok, tiny_dir / "model", 0, tmp_path, progress=False)
+    assert torch.equal(a, b)
+    # the prompts are corpus tokens; the continuations differ from the corpus (sampled)
+    from qat.distill.data import corpus_windows
+
+    assert torch.equal(a[:, :4], corpus_windows(spec, tok, 5, 4, 0))
+    # and a run trains on them
+    r = recipe_for(tiny_dir, tmp_path / "o", "--quant.act.bits", "16", "--eval.file", "null",
+                   "--data.source", "teacher", "--data.seq_len", "24", "--data.num_samples", "5",
+                   "--data.prompt_len", "4", "--data.gen_batch_size", "2", "--data.cache_dir", str(tmp_path),
+                   "--stages", "[{kind: e2e, steps: 2, batch_size: 2, loss: {kind: cakld}}]")
+    res = run(r)
+    assert res["global_steps"] == 2 and len(list(tmp_path.glob("teacher-samples-*.pt"))) == 1
+    assert 0 < res["module"].history[-1]["final_loss"]
+
+
+def test_adamw8bit_falls_back_with_a_warning(monkeypatch):
+    from qat.distill import optim
+    from qat.distill.recipe import OptimSpec
+
+    p = torch.nn.Parameter(torch.zeros(8))
+    monkeypatch.setattr(optim, "bnb_usable", lambda device_type: "RuntimeError: no CPU backend")
+    with pytest.warns(UserWarning, match=r"bitsandbytes 8-bit AdamW cannot run on cpu \(RuntimeError: no CPU"):
+        opt = optim.build_optimizer([{"params": [p], "lr": 1e-3}], OptimSpec(name="adamw8bit"), torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW
+
+
+def test_lr_schedule():
+    from qat.distill.optim import lr_factor
+    from qat.distill.recipe import OptimSpec
+
+    cos = OptimSpec(schedule="cosine", warmup=2, min_lr_ratio=0.1)
+    f = [lr_factor(i, 10, cos) for i in range(10)]
+    assert f[:2] == [1 / 3, 2 / 3] and f[2] == 1.0 and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(f[2:]))
+    assert [lr_factor(i, 4, OptimSpec(schedule="constant")) for i in range(4)] == [1.0] * 4

@@ -1,0 +1,29 @@
+"""Every recipe in configs/ loads through the `qat distill` parser and validates (stage kinds, losses, budgets,
+parameter classes, the quant spec), and its stage list is what the file says."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import REPO
+
+RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+DEFAULT_MODEL = ["lbllm-w1p1a4", "lcqat-vq2", "efficientqat-w2g64", "acbq-w4a4", "cbq-w2g64"]
+
+
+def test_default_model_has_every_method_recipe():
+    have = {p.stem for p in (REPO / "configs" / "smollm2-135m").glob("*.yaml")}
+    assert set(DEFAULT_MODEL) <= have
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "configs")) for p in RECIPES])
+def test_recipe_loads_and_validates(path):
+    from qat.distill.recipe import STAGE_KINDS, load_recipe
+
+    raw = yaml.safe_load(path.read_text())
+    r = load_recipe(path, ["--output", "unused"])
+    assert [s.kind for s in r.stages] == [s["kind"] for s in raw["stages"]]
+    assert all(s.kind in STAGE_KINDS and s.loss.kind and s.train for s in r.stages)
+    spec = r.quant_spec()
+    assert spec is not None and spec.to_dict()["weight"]["format"] == raw["quant"]["weight"]["format"]
+    if raw.get("model"):  # recipes for a real model name a relative path (no machine paths in the repo)
+        assert not raw["model"].startswith("/") and not str(raw["data"].get("train_file", "")).startswith("/")
