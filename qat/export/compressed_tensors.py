@@ -17,14 +17,20 @@ import sys
 from pathlib import Path
 
 import torch
+from qat_kernels.packing import pack_bits
 from safetensors.torch import save_file
 from torch import nn
 
 from qat.config import QuantConfigError, QuantSpec
-from qat.export.pack import (ExportReport, WEIGHTS_FILE, _add_to_config, _export_config, fp16_baseline_bytes,
-                             reference_architecture)
+from qat.export.pack import (
+    WEIGHTS_FILE,
+    ExportReport,
+    _add_to_config,
+    _export_config,
+    fp16_baseline_bytes,
+    reference_architecture,
+)
 from qat.io import atomic_output_dir
-from qat_kernels.packing import pack_bits
 
 CT_BITS = (2, 4, 8)
 
@@ -132,6 +138,10 @@ def export_compressed_tensors(model: nn.Module, tokenizer, spec: QuantSpec, out_
         file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
     acct = model_bits_per_weight(model)
     other = sum(v.numel() * v.element_size() for v in tensors.values()) - packed_bytes
+    notes = []
+    if dtype == torch.bfloat16:
+        notes.append("scales are stored in bfloat16 (the format keeps them in the model dtype), so dequantized weights "
+                     "differ slightly from the student's fp16-scale ones; export with --dtype float16 for an exact match")
     return ExportReport(Path(out_dir), f"compressed-tensors pack-quantized {spec.describe()}", len(qlins),
                         acct["bits_per_weight"], acct["quantized_params"], file_bytes, packed_bytes, other,
-                        fp16_baseline_bytes(model))
+                        fp16_baseline_bytes(model), tuple(notes))

@@ -38,7 +38,26 @@ def load_for_generation(path, device="cpu", dtype: torch.dtype = torch.float32):
 
     if is_native_export(path):
         return load_quantized(path, device=device, dtype=dtype), load_tokenizer(path)
+    if _quant_method(path) == "compressed-tensors":
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        # dequantize at load: transformers' compressed path refuses asymmetric pack-quantized zero points
+        # (compressed-tensors 0.20 pre-shapes them unpacked), and on CPU the math is the same dense matmul anyway
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        return model.to(device).eval(), load_tokenizer(path)
     return load_any(path, dtype=dtype, device=device)
+
+
+def _quant_method(path) -> str | None:
+    import json
+    from pathlib import Path
+
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return qc.get("quant_method")
 
 
 def generate_ids(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float | None = None,
@@ -51,8 +70,8 @@ def generate_ids(model, input_ids: torch.Tensor, *, max_new_tokens: int, tempera
     if not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     torch.manual_seed(seed)
-    kw = dict(do_sample=False) if temperature is None else dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                                                 top_k=0)
+    kw = {"do_sample": False} if temperature is None else \
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kw)

@@ -33,8 +33,9 @@ def read_export_config(path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"{cfg_file}: corrupt JSON ({e})") from None
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
-        raise ValueError(f"{cfg_file}: no quantization_config; not a quantized export (load FP models with "
-                         f"qat.models.loading.load_fp_model)")
+        raise ValueError(  # noqa: TRY004 - a data problem in the directory, reported like the others
+            f"{cfg_file}: no quantization_config; not a quantized export (load FP models with "
+            f"qat.models.loading.load_fp_model)")
     method = qc.get("quant_method")
     if method != QUANT_METHOD:
         hint = " (load compressed-tensors exports with transformers' from_pretrained)" \
@@ -81,8 +82,12 @@ def expected_runtime_tensors(spec: QuantSpec, out_f: int, in_f: int) -> dict[str
         with torch.device("cpu"), torch.no_grad():  # real tensors even when called under a meta-device context
             wq = make_weight_quantizer(spec.weight, out_f, in_f)
             w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))
-            wq.init_from(w)  # some formats can only pack after an init
-            shapes = {k: v.to("meta") for k, v in wq.pack(w).items()}
+            try:
+                packed = wq.pack(w)
+            except Exception:  # noqa: BLE001 - a format that can only pack after its PTQ init
+                wq.init_from(w)
+                packed = wq.pack(w)
+            shapes = {k: v.to("meta") for k, v in packed.items()}
             act = make_act_quantizer(spec.act, in_f)
             if act is not None:
                 shapes.update({f"act_quantizer.{k}": v.to("meta") for k, v in act_runtime_params(act).items()})
@@ -96,7 +101,7 @@ def _fmt_shape(t) -> str:
 
 def load_quantized(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> nn.Module:
     """A runnable model (eval mode) from a native qat export; dtype defaults to the export's own dtype."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qat.models import get_adapter
@@ -108,7 +113,7 @@ def load_quantized(path, device: str | torch.device = "cpu", dtype: torch.dtype 
     try:
         handle = safe_open(str(wfile), framework="pt", device="cpu")
         file_keys = set(handle.keys())
-    except Exception as e:  # truncated / not a safetensors file
+    except (SafetensorError, OSError) as e:  # truncated / not a safetensors file
         raise ValueError(f"{wfile}: truncated or corrupt safetensors file ({str(e).splitlines()[0]})") from None
 
     cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -162,7 +167,7 @@ def load_quantized(path, device: str | torch.device = "cpu", dtype: torch.dtype 
         for name, t in targets.items():
             try:
                 src = handle.get_tensor(name)
-            except Exception as e:
+            except (SafetensorError, OSError) as e:
                 raise ValueError(f"{wfile}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
             t.copy_(src)
     return model.eval()

@@ -163,8 +163,10 @@ def export_native(model: nn.Module, tokenizer, spec: QuantSpec, out_dir, *, dtyp
             tensors[name] = b.detach().cpu().contiguous()
 
     soft = [n for n, q in qlins.items() if getattr(q.weight_quantizer, "is_hard", True) is False]
-    notes = (f"{len(soft)} binary11 layer(s) are not hardened (e.g. {soft[0]}): the export stores the hard bitmap, "
-             f"which is what harden() gives, not the student's soft forward",) if soft else ()
+    notes = []
+    if soft:
+        notes.append(f"{len(soft)} binary11 layer(s) are not hardened (e.g. {soft[0]}): the export stores the hard "
+                     f"bitmap, which is what harden() gives, not the student's soft forward")
     acct = model_bits_per_weight(model)
     qc = quantization_config(spec, list(qlins), skipped, acct["bits_per_weight"], dtype)
     cfg = _export_config(model.config, dtype)
@@ -178,7 +180,7 @@ def export_native(model: nn.Module, tokenizer, spec: QuantSpec, out_dir, *, dtyp
     other_bytes = sum(v.numel() * v.element_size() for v in tensors.values()) - packed_bytes
     return ExportReport(Path(out_dir), spec.describe(), len(qlins), acct["bits_per_weight"],
                         acct["quantized_params"], file_bytes, packed_bytes, other_bytes, fp16_baseline_bytes(model),
-                        notes)
+                        tuple(notes))
 
 
 def _export_config(config, dtype: torch.dtype):

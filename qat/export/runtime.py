@@ -8,13 +8,14 @@ quantizer's runtime parameters and the input-rotation signs, and computes what Q
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from qat_kernels.hadamard import block_hadamard, hadamard_block_size
 from torch import nn
 
 from qat.config import ActSpec, QuantSpec
-from qat_kernels.hadamard import block_hadamard, hadamard_block_size
 
 KernelLinear = Callable[[torch.Tensor, str, dict, dict, "torch.Tensor | None"], torch.Tensor]
 
@@ -62,8 +63,9 @@ def unpack_linear(x: torch.Tensor, spec: QuantSpec, out_features: int, in_featur
                   packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """Fallback for a format the dispatcher does not handle yet: dequantize with the format's own unpack()
     (bit-exact with the training forward), then the reference dense matmul."""
-    from qat.quantizers import make_weight_quantizer
     from qat_kernels.reference import linear_dense
+
+    from qat.quantizers import make_weight_quantizer
 
     key = (json.dumps(spec.weight.__dict__, sort_keys=True), out_features, in_features)
     q = _UNPACKERS.get(key)
