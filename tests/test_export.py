@@ -20,6 +20,7 @@ from qat.cli import main as cli
 from qat.config import QuantSpec
 from qat.export import load_quantized
 from qat.export.pack import WEIGHTS_FILE
+from qat.export.runtime import set_dense_cache
 from qat.nn import quant_linears, quantize_model
 
 
@@ -117,6 +118,9 @@ def test_export_load_matches_student(tmp_path, spec_dict):
         ref, got = model(x).logits, loaded(x).logits
     assert_logits_match(ref, got)
     assert torch.equal(ref, got)  # dequantization is bit-exact, so in float32 the logits are identical
+    assert set_dense_cache(loaded, True) == len(quant_linears(model))  # qat generate's CPU path: dequantize once
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
 
     # only packed tensors for quantized layers: no latent weight, no quantizer parameter
     names = set(load_file(out / WEIGHTS_FILE))

@@ -37,7 +37,12 @@ def load_for_generation(path, device="cpu", dtype: torch.dtype = torch.float32):
     from qat.models.loading import load_any, load_tokenizer
 
     if is_native_export(path):
-        return load_quantized(path, device=device, dtype=dtype), load_tokenizer(path)
+        model = load_quantized(path, device=device, dtype=dtype)
+        if torch.device(device).type == "cpu":  # no packed CPU kernels: dequantize each layer once, same values
+            from qat.export.runtime import set_dense_cache
+
+            set_dense_cache(model, True)
+        return model, load_tokenizer(path)
     if _quant_method(path) == "compressed-tensors":
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 

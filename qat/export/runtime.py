@@ -90,6 +90,9 @@ class PackedLinear(nn.Module):
         for k, v in packed.items():
             self.register_buffer(k, v)
         self.use_dispatch: bool | None = None  # decided on the first forward, once the tensors hold data
+        # CPU generation: dequantize once and keep the dense weight (same values; the packed kernels are GPU-only)
+        self.cache_dense = False
+        self._dense: torch.Tensor | None = None
         self.register_buffer("bias", bias)
         self.act_quantizer = PackedActQuantizer(spec.act, act_params or {}) if spec.act.enabled else None
         if spec.act.enabled and spec.act.hadamard:
@@ -111,6 +114,20 @@ class PackedLinear(nn.Module):
             self.meta["block_in"], self.meta["block_out"] = (int(v) for v in packed["hadamard_blocks"].tolist())
         self.use_dispatch = dispatch_supports(self.format, packed, self.meta)
 
+    def dequantize(self) -> torch.Tensor:
+        """The effective weight [out, in] in float32 (what QuantLinear's quantized_weight() gave the student)."""
+        if self.use_dispatch is None:
+            self.prepare()
+        if self.use_dispatch:
+            from qat_kernels.dispatch import dequantize
+
+            return dequantize(self.format, self.packed(), self.meta)
+        from qat.quantizers import make_weight_quantizer
+
+        with torch.device("meta"):
+            q = make_weight_quantizer(self.spec.weight, self.out_features, self.in_features)
+        return q.unpack(self.packed()).float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_dispatch is None:
             self.prepare()
@@ -118,6 +135,12 @@ class PackedLinear(nn.Module):
             x = block_hadamard(x, self.rotation_signs, self.rotation_block)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
+        if self.cache_dense:
+            from qat_kernels.reference import linear_dense
+
+            if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
+                self._dense = self.dequantize().to(device=x.device, dtype=x.dtype)
+            return linear_dense(x, self._dense, self.bias)
         if self.use_dispatch:
             # on CPU ask for the reference path directly ("auto" would probe the Triton interpreter first)
             backend = "auto" if x.is_cuda else "reference"
@@ -126,6 +149,14 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.spec.describe()}"
+
+
+def set_dense_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn dequantize-once on/off for every PackedLinear (off frees the dense copies); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.cache_dense, m._dense = enabled, None
+    return len(layers)
 
 
 def act_static_params(act: ActSpec) -> dict[str, Any]:
