@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         ids = tok(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.inference_mode():  # warm-up outside the timing (one-off dequantization, allocator, kernel compiles)
+        model(ids[:, :1])
     t0 = time.perf_counter()
     new = generate_ids(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id, pad_token_id=pad)
