@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py --out docs/kernels            # full sweep (a few minutes on one GPU)
     python scripts/bench_kernels.py --out /tmp/k --batches 1 --kernels int2,int4 --shapes 4096x4096
     python scripts/bench_kernels.py --out /tmp/k --tune            # also sweep launch configs, report the best
+    python scripts/bench_kernels.py --out /tmp/k --compile-check   # no GPU: compile every kernel for sm_90
 
 For each kernel x shape (out x in) x batch: the kernel through qat_kernels.dispatch.linear(backend="triton") (every
 launch it makes, e.g. VQ's input/output transforms and W4A4's token quantization, is included) and torch's fp16
@@ -187,6 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--tune", action="store_true", help="also sweep launch configs and report the best per case")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks against the reference")
+    p.add_argument("--compile-check", action="store_true",
+                   help="no GPU needed: compile every kernel for sm_90 (heuristic configs), report registers, shared\n"
+                        "memory and instructions per weight; writes <out>/compile.json")
     p.add_argument("--smoke", action="store_true",
                    help="check this script without a GPU: tiny shapes, Triton interpreter on CPU, timings meaningless")
     args = p.parse_args(argv)
@@ -220,6 +224,8 @@ def _cpu_timer(fn, warmup: int, rep: int, return_mode: str = "median") -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_check:
+        return compile_check(args.out)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     elif not torch.cuda.is_available():
@@ -310,6 +316,23 @@ def main(argv=None) -> int:
     if failures:
         print(f"{failures} correctness check(s) FAILED", file=sys.stderr)
     return 1 if failures else 0
+
+
+def compile_check(out: Path) -> int:
+    """Compile all kernels for sm_90 with Triton's ahead-of-time path (qat_kernels.triton.compile_check)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_kernels --compile-check: unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    _import_qat_kernels()
+    from qat_kernels.triton import compile_check as cc
+
+    rows = cc.check(cc.default_cases())
+    print(cc.format_rows(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compile.json").write_text(json.dumps({"target": "cuda sm_90", "rows": rows}, indent=1))
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - failed}/{len(rows)} kernels compile for sm_90; wrote {out}/compile.json")
+    return 1 if failed else 0
 
 
 def _w4a4_module():

@@ -15,12 +15,13 @@ import os
 
 import pytest
 import torch
-from qat_kernels import dispatch
-from qat_kernels.packing import pack_bits
+from qat_kernels import dispatch, reference
+from qat_kernels.hadamard import block_hadamard, hadamard_block_size, random_signs
+from qat_kernels.packing import pack_bits, unpack_bits
 
 triton = pytest.importorskip("triton")
 
-from qat_kernels.triton import binary11, common, uniform, w4a4
+from qat_kernels.triton import binary11, common, uniform, vq, w4a4
 
 N, K, G = 72, 576, 64
 
@@ -111,10 +112,12 @@ def test_uniform_forced_configs(batch, config):
 
 
 @pytest.mark.parametrize("group", [32, 576])
-def test_uniform_group_smaller_and_larger_than_tile(group):
-    """g = 32 puts several groups in one 64..512-column tile; g = 576 (one group per row) spans many tiles."""
+@pytest.mark.parametrize("batch", [2, 16])
+def test_uniform_group_smaller_and_larger_than_tile(group, batch):
+    """GEMV (batch 2): g = 32 puts several groups in one K tile, g = 576 (one group per row) spans many tiles.
+    Tensor cores (batch 16): one rescale per 32- or 64-column segment (576 = 9 x 64)."""
     packed, meta = _uniform_layer(4, g=group)
-    x, _ = _inputs(2)
+    x, _ = _inputs(batch)
     y = dispatch.linear(x, "uniform", packed, meta, None, backend="triton")
     _assert_matches(y, x, "uniform", packed, meta, None, torch.float32)
 
@@ -161,6 +164,103 @@ def test_binary11_split_k_gemv():
     cfg = common.Config(block_m=2, block_n=32, block_k=64, split_k=4, use_dot=False)
     y = binary11.linear(x, dispatch.layer_spec("binary11", packed, meta), packed, bias, config=cfg)
     _assert_matches(y, x, "binary11", packed, meta, bias, torch.float32)
+
+
+# ---- VQ ---------------------------------------------------------------------------------------------------------
+def _vq_layer(n: int = N, k: int = K, d: int = 4, seed: int = 0):
+    """A random LC-QAT layer; b is near the initial codebook's -1.5 A 1 (so the centred constant is small, as trained)."""
+    gen = torch.Generator().manual_seed(seed)
+    A = (torch.randn(d, d, generator=gen) * 0.5).half()
+    packed = {
+        "codes": pack_bits(torch.randint(0, 4, (n, k), generator=gen), 2),
+        "A": A,
+        "b": (-1.5 * A.float().sum(1) + 0.05 * torch.randn(d, generator=gen)).half(),
+        "s_u": (torch.rand(k, generator=gen) + 0.5).half(),
+        "s_v": (torch.rand(n, generator=gen) * 0.02 + 0.01).half(),
+        "signs_in": random_signs(k, seed),
+        "signs_out": random_signs(n, seed + 1),
+        "hadamard_blocks": torch.tensor([hadamard_block_size(k), hadamard_block_size(n)], dtype=torch.int32),
+    }
+    return packed, {"in_features": k, "out_features": n}
+
+
+def _assert_vq_matches(y, x, packed, meta, bias, dtype):
+    """y against the reference math in float64. The kernel sums |x'| |z - 1.5| products in the rotated space
+    (x' = x_r A per vector), and the output Hadamard block and s_v mix them: the bound maps those magnitudes through
+    |H_out| and |s_v|, times 1e-4 (fp32: K * 2^-24 = 3.4e-5 plus the transforms' few roundings) or 2e-3 (fp16:
+    the rotated activations and the output are rounded to fp16, 2^-11 each)."""
+    spec = dispatch.layer_spec("vq", packed, meta)
+    d, bi, bo = spec["vq_dim"], spec["block_in"], spec["block_out"]
+    A, b = packed["A"].double(), packed["b"].double()
+    z = unpack_bits(packed["codes"], 2, spec["in_features"]).double()
+    w_eff = reference.vq_untransform(reference.vq_affine_decode(z, A, b), packed["s_u"].double(),
+                                     packed["s_v"].double(), packed["signs_in"], packed["signs_out"], block_in=bi,
+                                     block_out=bo)
+    xd = x.double()
+    ref = xd @ w_eff.t() + (0 if bias is None else bias.double())
+    xr = block_hadamard(xd * packed["s_u"].double(), packed["signs_in"], bi)
+    xa = (xr.reshape(len(x), -1, d) @ A).reshape(xr.shape)
+    c = (xr.reshape(len(x), -1, d) * (b + 1.5 * A.sum(1))).sum((1, 2))
+    rotated = xa.abs() @ (z - 1.5).abs().t() + c.abs()[:, None]
+    # |H_out| has every entry 1/sqrt(bo): each output of a block sees the block's summed magnitudes
+    mapped = packed["s_v"].double().abs() * (rotated.reshape(len(x), -1, bo).sum(-1, keepdim=True)
+                                             / bo**0.5).expand(-1, -1, bo).reshape(rotated.shape)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    bound = tol * (mapped + ref.abs()) + 1e-6
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max err {err.max().item():.3g}, worst err/bound {(err / bound).max().item():.3g}"
+    return err, bound
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+def test_vq_matches_reference_fp32(batch):
+    """72 x 576: input Hadamard blocks of 64 (tensor-core path), output blocks of 8 (broadcast path)."""
+    packed, meta = _vq_layer()
+    x, bias = _inputs(batch)
+    y = dispatch.linear(x, "vq", packed, meta, bias, backend="triton")
+    _assert_vq_matches(y, x, packed, meta, bias, torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 33])
+def test_vq_matches_reference_fp16(batch):
+    """64 x 512: Hadamard blocks of 128 in and 64 out."""
+    packed, meta = _vq_layer(n=64, k=512, seed=2)
+    x, bias = _inputs(batch, k=512, n=64, dtype=torch.float16)
+    y = dispatch.linear(x, "vq", packed, meta, bias, backend="triton")
+    _assert_vq_matches(y, x, packed, meta, bias, torch.float16)
+
+
+def test_vq_reference_path_within_the_same_bound():
+    """The float32 reference (dequant_vq + F.linear) meets the bound used for the kernel: the bound is not loose
+    against the reference's own rounding, and the kernel's algebra (A on the activation side) is the same map."""
+    packed, meta = _vq_layer()
+    x, bias = _inputs(5)
+    y = dispatch.linear(x, "vq", packed, meta, bias, backend="reference")
+    _assert_vq_matches(y, x, packed, meta, bias, torch.float32)
+
+
+def test_vq_split_k_and_block_sizes_from_meta():
+    packed, meta = _vq_layer(n=64, k=512, seed=4)
+    meta = {**meta, "block_in": 128, "block_out": 64}
+    del packed["hadamard_blocks"]
+    x, bias = _inputs(6, k=512, n=64)
+    cfg = common.Config(block_m=16, block_n=32, block_k=64, split_k=3, use_dot=True)
+    y = vq.linear(x, dispatch.layer_spec("vq", packed, meta), packed, bias, config=cfg)
+    _assert_vq_matches(y, x, packed, meta, bias, torch.float32)
+
+
+def test_vq_bad_layout_errors():
+    packed, meta = _vq_layer()
+    with pytest.raises(ValueError, match=r"Hadamard block_in 48 must be a power of two dividing 576"):
+        dispatch.linear(torch.randn(1, K), "vq", packed, {**meta, "block_in": 48})
+    with pytest.raises(ValueError, match=r"packed\['A'\] must be a square \[d, d\] matrix, got \(4, 2\)"):
+        dispatch.linear(torch.randn(1, K), "vq", {**packed, "A": packed["A"][:, :2]}, meta)
+    with pytest.raises(ValueError, match=r"packed\['signs_out'\] has dtype torch.float32"):
+        dispatch.linear(torch.randn(1, K), "vq", {**packed, "signs_out": packed["signs_out"].float()}, meta)
+    no_blocks = {k: v for k, v in packed.items() if k != "hadamard_blocks"}
+    with pytest.raises(ValueError, match="meta is missing 'block_in'"):
+        dispatch.linear(torch.randn(1, K), "vq", no_blocks, meta)
 
 
 # ---- W4A4 -------------------------------------------------------------------------------------------------------
@@ -315,9 +415,16 @@ def test_pick_config_paths():
     short_wide = common.pick_config(1, 1024, 4096, 128, 4, None)
     assert short_wide.split_k > 1  # 128 row blocks cannot fill 132 SMs twice
     decode = common.pick_config(16, 4096, 4096, 128, 2, None)
-    assert decode.use_dot and decode.block_m == 16
+    assert decode.use_dot and decode.swap and decode.block_m == 16 and decode.split_k > 1
     prefill = common.pick_config(512, 4096, 4096, 128, 2, None)
     assert prefill.block_m == 128 and prefill.split_k == 1
+
+
+def test_uniform_rescale_segments_and_group_limits():
+    assert [uniform.segment(g) for g in (32, 128, 576, 4096, 11008)] == [32, 128, 64, 1024, 256]
+    packed, meta = _uniform_layer(4, g=16)
+    assert uniform.unsupported_reason(dispatch.layer_spec("uniform", packed, meta)) == \
+        "group_size 16 is not a multiple of 32"
 
 
 def test_word_view_of_unaligned_bytes_is_copied():
@@ -326,6 +433,20 @@ def test_word_view_of_unaligned_bytes_is_copied():
     w = common.words(view)
     assert w.dtype == torch.int32 and w.shape == (3, 1)
     assert torch.equal(w.view(torch.uint8).reshape(3, 4), view)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile one config per kernel and regime for sm_90 ahead of time
+    (the ptxas bundled with triton; ~20 s cold) and check it fits the SM (registers, shared memory)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "qat_kernels.triton.compile_check", "--quick"], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "10/10 kernels compile for sm_90" in out.stdout
 
 
 def test_interpreter_is_on_without_gpu():

@@ -16,11 +16,13 @@ from qat_kernels.triton.common import (
     finish_rows,
     k_per_split,
     launch_grid,
+    new_accumulator,
     output_buffer,
     pick_config,
     store_output,
     tile_ids,
     unpack_words,
+    unswap,
     words,
 )
 
@@ -31,7 +33,7 @@ def _binary11_matmul_kernel(
     M, N, K, n_words, n_groups, k_split, stride_xm, stride_ym,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,7 +44,7 @@ def _binary11_matmul_kernel(
     GPT: tl.constexpr = BLOCK_K // SUB
     WORDS_PER_TILE: tl.constexpr = BLOCK_K // 32
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = new_accumulator(BLOCK_M, BLOCK_N, SWAP)
     ROWS_K: tl.constexpr = BLOCK_K if BLOCK_M == 1 else 1  # GEMV's elementwise partial sums
     acc_rows = tl.zeros([BLOCK_N, ROWS_K], dtype=tl.float32)
     k_begin = tl.program_id(1) * k_split
@@ -66,16 +68,16 @@ def _binary11_matmul_kernel(
         pair1 = tl.reshape(pair1, [BLOCK_N, GPT, SUB])
         alpha = tl.where(pair1, a1, a0)
         w = tl.where(tl.reshape(positive, [BLOCK_N, GPT, SUB]), alpha, -alpha) + tl.where(pair1, m1, m0)
-        acc, acc_rows = accumulate(acc, acc_rows, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT)
-    acc = finish_rows(acc, acc_rows)
+        acc, acc_rows = accumulate(acc, acc_rows, x, tl.reshape(w, [BLOCK_N, BLOCK_K]), USE_DOT, SWAP)
+    acc = finish_rows(unswap(acc, SWAP), acc_rows)
     store_output(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def unsupported_reason(spec: dict) -> str | None:
     if spec["in_features"] % 32:
         return f"in_features {spec['in_features']} is not a multiple of 32"
-    if pick_config(1, spec["out_features"], spec["in_features"], spec["group_size"], 2, None) is None:
-        return f"group_size {spec['group_size']} has no power-of-two divisor >= 32"
+    if spec["group_size"] % 32:
+        return f"group_size {spec['group_size']} is not a multiple of 32"
     return None
 
 
@@ -94,6 +96,6 @@ def linear(x: torch.Tensor, spec: dict, packed: dict[str, torch.Tensor], bias: t
         bias if bias is not None else x, y,
         M, N, K, K // 32, K // group, k_per_split(K, cfg), x.stride(0), y.stride(0),
         GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        USE_DOT=cfg.use_dot, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
+        USE_DOT=cfg.use_dot, SWAP=cfg.swap, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x.dtype)

@@ -2,9 +2,9 @@
 
 Every weight kernel computes y[M, N] = x[M, K] @ W_hat[N, K]^T with the same loop: a program owns a
 BLOCK_M x BLOCK_N output tile and a K range (split-K), loads BLOCK_K columns of packed weight rows, dequantizes them
-in registers to float32, and accumulates in float32, either with tl.dot (batch > 4: tensor cores; the dequantized tile
-is cast to x's dtype first, as the reference casts W_hat) or with a broadcast multiply + row sum (batch <= 4: a
-GEMV, where tensor cores would idle and the fp32 product is more accurate than the reference's).
+in registers to float32, and accumulates in float32, either with tl.dot (batch > 1: tensor cores; the dequantized tile
+is cast to x's dtype first, as the reference casts W_hat) or with a broadcast multiply + row sum (batch 1: a GEMV
+without split-K bookkeeping; the fp32 product is more accurate than the reference's).
 
 Packed bit streams are read as little-endian int32 words (a zero-copy view of the uint8 bytes when the row length is a
 multiple of 4 bytes): code j of a row is bits [j*bits, (j+1)*bits) of the stream, i.e. of word j*bits // 32 at shift
@@ -26,13 +26,14 @@ MAGIC = tl.constexpr(8388608.0)  # 2**23: (code | 0x4B000000) read as float32 is
 # ---- host side --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. use_dot=False is the GEMV path (block_m <= 4)."""
+    """One launch configuration. use_dot=False is the GEMV path (block_m 1, or up to 4 when forced); swap needs use_dot."""
 
     block_m: int
     block_n: int
     block_k: int
     split_k: int = 1
     use_dot: bool = True
+    swap: bool = False  # tl.dot(W_tile, x_tile^T): weight rows fill the MMA's 64/128-row side when the batch is small
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
@@ -64,20 +65,20 @@ def pick_config(M: int, N: int, K: int, group_size: int, bits: int, device_index
     """A launch config for an [M, K] x [N, K]^T product (None if the group size leaves no usable tile).
 
     Heuristics (written for H100, not tuned on hardware: see docs/KERNELS.md):
-    - M <= 4: GEMV, 8 weight rows x 512 / M columns per step, 4 warps; split-K only when the row blocks would not
-      fill the SMs twice (short-wide layers, e.g. 1024 x 4096).
-    - 4 < M <= 64: tl.dot with a 16/32/64-row tile, wide N tiles, split-K to reach ~2 programs per SM.
+    - M == 1: GEMV, 8 weight rows x 512 columns per step, 4 warps; split-K only when the row blocks would not fill
+      the SMs twice (short-wide layers, e.g. 1024 x 4096). No atomics, zero-fill or cast launches otherwise.
+    - 1 < M <= 64: swapped tl.dot (128 weight rows x 16/32/64 tokens: the rows fill Hopper's 64-row wgmma side),
+      split-K to reach ~2 programs per SM.
     - M > 64: a GEMM tile of 128 x 128 (64 rows when M <= 128) with grouped ordering for L2 reuse.
     """
     sms = sm_count(device_index)
-    if M <= 4:
-        bm = 1 if M == 1 else triton.next_power_of_2(M)
-        # the [block_m, 8, block_k] product stays at <= 32 float32 registers per thread
-        bk = (512 if bits <= 4 else 256) // bm
-        cfg = {"block_m": bm, "block_n": 8, "block_k": bk, "use_dot": False, "num_warps": 4, "num_stages": 2}
+    if M == 1:
+        cfg = {"block_m": 1, "block_n": 8, "block_k": 512 if bits <= 4 else 256, "use_dot": False, "num_warps": 4,
+               "num_stages": 2}
     elif M <= 64:
         bm = max(16, triton.next_power_of_2(M))
-        cfg = {"block_m": bm, "block_n": 64, "block_k": 128, "use_dot": True, "num_warps": 4, "num_stages": 3}
+        cfg = {"block_m": bm, "block_n": 128, "block_k": 128, "use_dot": True, "swap": True, "num_warps": 4,
+               "num_stages": 3}
     else:
         bm = 64 if M <= 128 else 128
         cfg = {"block_m": bm, "block_n": 128, "block_k": 64, "use_dot": True, "num_warps": 8 if bm == 128 else 4,
@@ -169,21 +170,52 @@ def codes_as_float(codes):
 
 
 @triton.jit
-def accumulate(acc, acc_rows, x, w, USE_DOT: tl.constexpr):
-    """acc[BM, BN] += x[BM, BK] @ w[BN, BK]^T, w the dequantized float32 tile.
+def accumulate(acc, acc_rows, x, w, USE_DOT: tl.constexpr, SWAP: tl.constexpr):
+    """acc[BM, BN] += x[BM, BK] @ w[BN, BK]^T, w the dequantized float32 tile (SWAP: acc[BN, BM] += w @ x^T).
 
     A one-row GEMV (BM == 1) instead adds the products elementwise into acc_rows [BN, BK] and reduces once after the
     K loop (finish_rows): a cross-thread reduction per tile would cost more than the tile's arithmetic."""
     if USE_DOT:
-        if x.dtype == tl.float32:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = dot(acc, x, w.to(x.dtype), SWAP)
     elif x.shape[0] == 1:
         acc_rows += w * x.to(tl.float32)
     else:
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     return acc, acc_rows
+
+
+@triton.jit
+def dot(acc, x, w, SWAP: tl.constexpr):
+    """acc += x @ w^T ([BM, BN]) or, swapped, w @ x^T ([BN, BM]); float32 operands multiply exactly (ieee)."""
+    # (one return per function: the compiler types every return statement, taken or not)
+    if SWAP:
+        if x.dtype == tl.float32:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        if x.dtype == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def new_accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_N if SWAP else BLOCK_M
+    COLS: tl.constexpr = BLOCK_M if SWAP else BLOCK_N
+    return tl.zeros([ROWS, COLS], dtype=tl.float32)
+
+
+@triton.jit
+def unswap(acc, SWAP: tl.constexpr):
+    """The [BM, BN] view of an accumulator."""
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    return out
 
 
 @triton.jit

@@ -129,7 +129,7 @@ def unsupported_reason(spec: dict) -> str | None:
     return None
 
 
-def pick_config(M: int, N: int, group_size: int, device_index: int | None) -> Config:
+def pick_config(M: int, N: int, group_size: int, device_index: int | None, bits: int = 4) -> Config:
     """H100-minded, untuned: 128 x 128 tiles with 128-deep int8 K steps for prefill, thinner M tiles for decode."""
     if M <= 16:
         cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3}
@@ -143,6 +143,8 @@ def pick_config(M: int, N: int, group_size: int, device_index: int | None) -> Co
     while group_size % bk:  # largest power-of-two divisor of the group, >= 32 (unsupported_reason checked it)
         bk //= 2
     cfg["block_k"] = bk
+    if bits & (bits - 1) and cfg["num_stages"] > 2:  # gathered codes: 3 stages of 128 x 128 tiles exceed 227 KB smem
+        cfg["num_stages"] = 2
     return Config(use_dot=True, **cfg)
 
 
@@ -165,7 +167,7 @@ def linear(x: torch.Tensor, spec: dict, packed: dict[str, torch.Tensor], bias: t
     M, K = x.shape
     N, bits, group = spec["out_features"], spec["bits"], spec["group_size"]
     xq, xs = quantize_tokens(x, spec["act_bits"], spec["act_clip_hi"], spec["act_clip_lo"], spec["act_sym"])
-    cfg = config or pick_config(M, N, group, x.device.index if x.is_cuda else None)
+    cfg = config or pick_config(M, N, group, x.device.index if x.is_cuda else None, bits)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _w4a4_matmul_kernel[launch_grid(M, N, cfg)](
         xq, xs, words(packed["qweight"]), packed["scales"], packed["zeros"], bias if bias is not None else xs, y,
