@@ -420,7 +420,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (tokens)")
     ax.set_ylabel("speed-up over fp16 cuBLAS (geo. mean over shapes)")
-    ax.set_title(f"qat_kernels on {device} (bars: targets)")
+    ax.set_title(f"qat_kernels on {device}\n(short dashes: targets)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
