@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, adapter=None, init: bool =
         q = QuantLinear.from_linear(model.get_submodule(n), spec, rotation_seed=i)
         if init:
             with torch.no_grad():
-                q.weight.copy_(q.weight_quantizer.init_from(q.weight))
+                q.weight.copy_(q.weight_quantizer.init_from(q.weight, seed=i))
         _set_module(model, n, q)
     return names
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets" / "corpora"
 
 DEFAULT_CONFIGS = [
-    # name, method, weight spec, ptq kwargs
+    # name, method, weight spec, ptq kwargs[, activation spec]
     ("RTN W4g64", "rtn", {"bits": 4, "group_size": 64}, {}),
     ("RTN W3g64", "rtn", {"bits": 3, "group_size": 64}, {}),
     ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),
@@ -31,6 +31,12 @@ DEFAULT_CONFIGS = [
     ("GPTQ W4g64 act-order", "gptq", {"bits": 4, "group_size": 64}, {"act_order": True}),
     ("GPTQ W3g64 act-order", "gptq", {"bits": 3, "group_size": 64}, {"act_order": True}),
     ("GPTQ W2g64 act-order", "gptq", {"bits": 2, "group_size": 64}, {"act_order": True}),
+    # the seed formats' PTQ starting points (issue #4)
+    ("RTN W4g64A4", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4}),
+    ("GPTQ W4g64A4 hadamard", "gptq", {"bits": 4, "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
+    ("GPTQ W(1+1)g64", "gptq", {"format": "binary11", "group_size": 64}, {}),
+    ("GPTQ W(1+1)g64A4", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4}),
+    ("GPTQ VQ2", "gptq", {"format": "vq"}, {}),
 ]
 
 
@@ -57,8 +63,8 @@ def main(argv=None) -> int:
     model = load_fp_model(a.model)
     calib = sample_windows(tokenize_file(a.calib, tok), a.calib_samples, a.seq_len, a.seed)
     eval_ids = pack_windows(tokenize_file(a.eval, tok), a.seq_len, a.eval_tokens)
-    configs = [(n, m, QuantSpec.from_dict({"weight": w}), kw) for n, m, w, kw in DEFAULT_CONFIGS
-               if not a.only or any(s in n for s in a.only)]
+    configs = [(c[0], c[1], QuantSpec.from_dict({"weight": c[2], "act": c[4] if len(c) > 4 else None}), c[3])
+               for c in DEFAULT_CONFIGS if not a.only or any(s in c[0] for s in a.only)]
     t0 = time.time()
     rows = ptq_sweep(model, configs, calib, eval_ids, a.seq_len,
                      on_row=lambda r: print(f"{r.name:24s} ppl {r.perplexity:12.2f}  bpw {r.bits_per_weight:.3f}  "

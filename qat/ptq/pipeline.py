@@ -47,9 +47,11 @@ def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method:
                     run_block(block, hidden[j : j + batch_size], kwargs)
         finally:
             remove()
-        for n, m in qlins.items():
+        for k, (n, m) in enumerate(qlins.items()):
             H = stats[n].hessian() if method == "gptq" else None
-            m.weight.copy_(m.weight_quantizer.init_from(m.weight, hessian=H, act_order=act_order, damp=damp))
+            seed = i * 100 + k  # per-layer randomness (VQ sign vectors) that differs between layers
+            m.weight.copy_(m.weight_quantizer.init_from(m.weight, hessian=H, act_order=act_order, damp=damp,
+                                                        seed=seed))
             if m.act_quantizer is not None:
                 m.act_quantizer.init_from(stats[n].sample())
         del stats
