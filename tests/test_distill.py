@@ -149,13 +149,46 @@ def test_only_declared_parameters_change(reference_run):
     assert s0 and s0 <= latent_wq
     assert any(k.endswith("proj.weight") for k in s0) and any(k.endswith("weight_quantizer.scale") for k in s0)
     assert any(k.endswith("weight_quantizer.zero") for k in s0)
-    s1 = _changed(snaps[2], snaps[3])  # e2e-qp: step sizes only
-    assert s1 and all(k.endswith(".weight_quantizer.scale") for k in s1)
+    s1 = _changed(snaps[2], snaps[3])  # e2e-qp: step sizes with frozen codes, then latent := (codes - z) * s
+    assert any(k.endswith(".weight_quantizer.scale") for k in s1)
+    assert all(k.endswith(".weight_quantizer.scale") or k.endswith("proj.weight") for k in s1)
     s2 = _changed(snaps[4], snaps[5])  # act-clip: activation clipping logits only
     assert s2 and all(".act_quantizer." in k for k in s2)
     # nothing changes between stages, and norms/embeddings never change
     assert not _changed(snaps[1], snaps[2]) and not _changed(snaps[3], snaps[4])
     assert not {k for k in _changed(snaps[0], snaps[5]) if "norm" in k or "embed" in k}
+
+
+def test_frozen_codes_train_scales_that_lsq_cannot(reference_run):
+    """A latent weight on its own grid (GPTQ init) gives LSQ's step-size gradient round(w/s) - w/s = 0 exactly;
+    frozen codes give q - z. After the stage the latent is re-baked, so the ordinary forward is the trained model."""
+    from qat.config import QuantSpec
+    from qat.distill.codes import FrozenCodes
+    from qat.nn import QuantLinear, quant_linears
+
+    torch.manual_seed(0)
+    lin = QuantLinear.from_linear(torch.nn.Linear(64, 8), QuantSpec.from_dict({"weight": {"bits": 2, "group_size": 32}}))
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight_quantizer.init_from(lin.weight))
+        lin.weight.copy_(lin.weight_quantizer(lin.weight))  # on the grid, as GPTQ leaves it
+    x = torch.randn(4, 64)
+    lin(x).pow(2).sum().backward()
+    lsq = lin.weight_quantizer.scale.grad.abs().max()  # only float rounding of (q - z) * s / s is left
+    lin.zero_grad()
+    fc = FrozenCodes({"lin": lin}).attach()
+    before = lin(x).detach()
+    lin(x).pow(2).sum().backward()
+    frozen = lin.weight_quantizer.scale.grad.abs()
+    assert torch.count_nonzero(frozen) == frozen.numel() and lsq < 1e-4 * frozen.mean()
+    with torch.no_grad():
+        lin.weight_quantizer.scale.mul_(1.3)  # a large step: LSQ would re-round the old latent differently
+    trained = lin(x).detach()
+    assert not torch.equal(trained, before)
+    fc.finish()
+    assert torch.equal(lin(x).detach(), trained)
+    # the tiny run's e2e stage used freeze_codes: every latent sits exactly on its trained grid
+    for m in quant_linears(reference_run["result"]["module"].student).values():
+        assert torch.equal(m.weight_quantizer(m.weight).detach(), m.weight.detach())
 
 
 def test_teacher_never_changes(reference_run):
@@ -243,6 +276,10 @@ def test_unknown_stage_kind_and_loss(tiny_dir, tmp_path):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.0.train", "[weights]")
     with pytest.raises(RecipeError, match="act stages keep the weights frozen"):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.2.train", "[act, latent]")
+    with pytest.raises(RecipeError, match="freeze_codes holds the integer codes fixed"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.1.train", "[latent, wq]")
+    with pytest.raises(RecipeError, match="freeze_codes needs the uniform format"):
+        recipe_for(tiny_dir, tmp_path / "o", "--quant.weight.format", "binary11")
     with pytest.raises(RecipeError, match="need window >= 1 and 0 <= overlap < window"):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.0.window", "2", "--stages.0.overlap", "2")
     with pytest.raises(RecipeError, match="unknown key"):
@@ -336,9 +373,11 @@ def test_cli_override_syntax():
     assert r.stages[0].optim.lr == {"latent": 1e-3, "wq": 3e-3}
     assert r.quant.weight.group_size == 64 and r.quant.weight.bits == 2 and r.ptq.method == "gptq"
     # a format switch takes that format's default bits (the parser does not inject another format's default)
-    assert load_recipe(TINY_RECIPE, ["--quant.weight.format", "binary11"]).quant.weight.bits == 2
+    assert load_recipe(TINY_RECIPE, ["--quant.weight.format", "binary11", "--stages.1.freeze_codes", "false"]
+                       ).quant.weight.bits == 2
     # a mapping merges into the file's (the tiny recipe's A4 stays)
-    assert load_recipe(TINY_RECIPE, ["--quant", "{weight: {format: vq}}"]).quant.describe() == "VQ2A4"
+    assert load_recipe(TINY_RECIPE, ["--quant", "{weight: {format: vq}}", "--stages.1.freeze_codes", "false"]
+                       ).quant.describe() == "VQ2A4"
     from qat.distill.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"--stages.5.steps: the recipe has 3 stage\(s\)"):

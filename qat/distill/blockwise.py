@@ -75,6 +75,7 @@ class BlockwiseStage(Stage):
         self.kwargs: dict = {}
         self.order: BatchOrder | None = None
         self._first_loss = float("nan")
+        self._loss_before = float("nan")
 
     # ---- units and caches ---------------------------------------------------------------------------------------
     def unit_prefixes(self, u: int) -> list[str]:
@@ -146,6 +147,7 @@ class BlockwiseStage(Stage):
             self.omega = float(state["omega"])
             self.window_log = list(state["window_log"])
             self._first_loss = float(state.get("first_loss", float("nan")))
+            self._loss_before = float(state.get("loss_before", float("nan")))
         self.step = self.window_idx * self.steps_per_window + self.step_in_window
         if not self.done:
             self._enter_window(state)
@@ -161,11 +163,27 @@ class BlockwiseStage(Stage):
             self.T.pop(k).close()
         self.prefixes = [p for u in range(start, end) for p in self.unit_prefixes(u)]
         self.make_trainable(self.prefixes, self.steps_per_window)
+        self.freeze_codes(self.prefixes, state)
         self.bitmaps = self.bitmap_quantizers(self.prefixes)
         self.order = BatchOrder(len(self.ids), self.spec.batch_size, stage_seed(self.ctx.seed, self.index, w))
         if state:
             self.load_opt_state(state)
             self.order.load_state_dict(state["order"])
+        elif self.spec.window_eval:
+            self._loss_before = self.full_loss()
+
+    @torch.no_grad()
+    def full_loss(self) -> float:
+        """The window's main loss over every cached calibration row (diagnostics, window_eval)."""
+        lo, dev, b = self.spec.loss, self.ctx.device, self.ctx.infer_batch
+        start, end = self.windows[self.window_idx]
+        total = 0.0
+        for i in range(0, len(self.S), b):
+            sl = slice(i, i + b)
+            out = self._forward(self.blocks_s, start, end, self.S.get(sl, dev))
+            n = out.shape[0]
+            total += float(block_loss(out, self.T[end].get(sl, dev), lo.kind, lo.sink_weight, lo.cosine_weight)) * n
+        return total / len(self.S)
 
     def _forward(self, blocks, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
         for u in range(start, end):
@@ -217,8 +235,12 @@ class BlockwiseStage(Stage):
         nxt = self.windows[w + 1][0] if w + 1 < len(self.windows) else len(self.units)
         leaving = [p for u in range(start, nxt) for p in self.unit_prefixes(u)]
         self.harden(self.bitmap_quantizers(leaving))
-        self.window_log.append({"window": w, "units": [start, end], "first_loss": self._first_loss,
-                                "last_loss": last_loss, "blocks": sorted({self.units[u][0] for u in range(start, end)})})
+        entry = {"window": w, "units": [start, end], "first_loss": self._first_loss, "last_loss": last_loss,
+                 "blocks": sorted({self.units[u][0] for u in range(start, end)})}
+        self.unfreeze_codes()  # bake first: loss_after and the next window see the model as it will be exported
+        if self.spec.window_eval:
+            entry.update(loss_before=self._loss_before, loss_after=self.full_loss())
+        self.window_log.append(entry)
         self.release()
         self.window_idx += 1
         self.step_in_window = 0
@@ -226,6 +248,7 @@ class BlockwiseStage(Stage):
             self._enter_window()
 
     def end(self) -> None:
+        self.unfreeze_codes()
         self.release()
         for s in [self.S, *self.T.values()]:
             if s is not None:
@@ -235,8 +258,9 @@ class BlockwiseStage(Stage):
     def state_dict(self) -> dict:
         return {"window": self.window_idx, "step_in_window": self.step_in_window, "unit_errors": self.unit_errors,
                 "omega": self.omega, "window_log": self.window_log, "first_loss": self._first_loss,
+                "loss_before": self._loss_before,
                 "order": self.order.state_dict() if self.order and not self.done else None,
-                **(self.opt_state() if not self.done else {})}
+                **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {})}
 
     def where(self) -> str:
         w = min(self.window_idx, len(self.windows) - 1)

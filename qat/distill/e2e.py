@@ -32,6 +32,7 @@ class E2EStage(Stage):
         ctx = self.ctx
         ctx.act_bypass.set(self.spec.acts_on)
         self.make_trainable(None, self.total_steps)
+        self.freeze_codes(None, state)
         self.bitmaps = self.bitmap_quantizers(None)
         self.order = BatchOrder(self.ids.shape[0], self.spec.batch_size, stage_seed(ctx.seed, self.index))
         if state:
@@ -71,12 +72,13 @@ class E2EStage(Stage):
         return {"loss": value, "main_loss": float(main.detach()), "tokens": int(x.numel())}
 
     def end(self) -> None:
+        self.unfreeze_codes()
         self.harden(self.bitmaps)
         self.release()
 
     def state_dict(self) -> dict:
         return {"step": self.step, "gamma": self.gamma, "order": self.order.state_dict() if self.order else None,
-                **(self.opt_state() if not self.done else {})}
+                **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {})}
 
     def where(self) -> str:
         return f"{self.label} step {min(self.step + 1, self.total_steps)}/{self.total_steps}"

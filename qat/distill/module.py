@@ -166,7 +166,7 @@ class DistillModule(L.LightningModule):
     def _record(self, name: str, stage: Stage | None, extra: dict) -> None:
         entry = {"stage": name, "index": None if stage is None else stage.index,
                  "kind": "ptq" if stage is None else stage.spec.kind, **extra}
-        ppl = self.evaluate()
+        ppl = self.evaluate() if stage is not None or self.recipe.eval.initial else None
         if ppl is not None:
             entry["val_ppl"] = ppl
             self._scalar("val/perplexity", ppl, self.global_step_)

@@ -114,12 +114,14 @@ class DataSpec:
 
 @dataclass
 class EvalSpec:
-    """Validation perplexity of the student before stage 1 and after every stage (skipped when file is None)."""
+    """Validation perplexity of the student before stage 1 (unless initial is false) and after every stage (skipped
+    when file is None)."""
 
     file: str | None = None
     max_tokens: int = 4096
     seq_len: int = 512
     batch_size: int = 4
+    initial: bool = True
 
 
 @dataclass
@@ -199,6 +201,10 @@ class StageSpec:
     objective     act stages: blockwise (LBLLM AAR, layer-wise reconstruction) | e2e (logit distillation)
     act_temperature  act stages: [start, end] of the knee soft-mask temperature, annealed geometrically
     spill_mb      blockwise: activation caches larger than this live in a file under the run directory
+    freeze_codes  uniform formats: hold the integer codes fixed while scales/zeros train (EfficientQAT E2E-QP); needed
+                  to train step sizes of a GPTQ-initialised student at all (see qat/distill/codes.py)
+    window_eval   blockwise: also measure each window's loss over the whole calibration set before and after it
+                  trains (diagnostics in the history; costs about one extra pass per window)
     """
 
     kind: str = "blockwise"
@@ -218,6 +224,8 @@ class StageSpec:
     polarize: PolarizeSpec = field(default_factory=PolarizeSpec)
     act_temperature: list[float] | None = None
     spill_mb: float = 2048.0
+    freeze_codes: bool = False
+    window_eval: bool = False
 
     def validate(self, i: int) -> None:
         w = f"stage {i}" + (f" ({self.name})" if self.name else "")
@@ -232,6 +240,9 @@ class StageSpec:
             check_selector(sel, w)
         if self.kind == "act" and any(s == "latent" or s == "bias" for s in self.train):
             raise RecipeError(f"{w}: act stages keep the weights frozen; remove 'latent'/'bias' from train")
+        if self.freeze_codes and any(s in ("latent", "re:.*") for s in self.train):
+            raise RecipeError(f"{w}: freeze_codes holds the integer codes fixed, so latent weights get no gradient; "
+                              "remove 'latent' from train")
         if self.kind == "act" and self.objective not in ACT_OBJECTIVES:
             raise RecipeError(f"{w}: unknown act objective {self.objective!r}; supported: {', '.join(ACT_OBJECTIVES)}")
         block_objective = self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
@@ -358,6 +369,9 @@ class Recipe:
         spec = self.quant_spec()
         if spec is not None:
             for i, s in enumerate(self.stages):
+                if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc):
+                    raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
+                                      f"scale/zero (not lwc), the spec is {spec.describe()}")
                 if s.kind == "act" and not spec.act.enabled:
                     raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
                                       f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")

@@ -95,6 +95,7 @@ class Stage:
         self.params: list[nn.Parameter] = []
         self.param_names: list[str] = []
         self.last_loss = float("nan")
+        self.frozen = None  # FrozenCodes while a freeze_codes stage/window runs
 
     # ---- to implement -------------------------------------------------------------------------------------------
     total_steps: int = 0
@@ -139,6 +140,26 @@ class Stage:
             raise ValueError(f"{self.where()}: nothing to train (train {self.spec.train} matches no parameter here)")
         self.opt = build_optimizer(opt_groups, self.spec.optim, ctx.device)
         self.sched = build_scheduler(self.opt, self.spec.optim, total_steps)
+
+    def freeze_codes(self, prefixes: list[str] | None, state: dict | None) -> None:
+        """freeze_codes: hold the integer codes of the quantized linears under `prefixes` fixed (codes.py)."""
+        self.frozen = None
+        if not self.spec.freeze_codes:
+            return
+        from qat.distill.codes import FrozenCodes
+        from qat.nn import quant_linears
+
+        mods = {n: m for n, m in quant_linears(self.ctx.student).items()
+                if prefixes is None or any(n.startswith(p + ".") for p in prefixes)}
+        self.frozen = FrozenCodes(mods).attach(state.get("frozen") if state else None)
+
+    def unfreeze_codes(self) -> None:
+        if getattr(self, "frozen", None) is not None:
+            self.frozen.finish()
+            self.frozen = None
+
+    def frozen_state(self) -> dict:
+        return {"frozen": self.frozen.state_dict()} if getattr(self, "frozen", None) is not None else {}
 
     def release(self) -> None:
         self.opt, self.sched, self.params, self.param_names = None, None, [], []
