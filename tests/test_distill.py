@@ -151,7 +151,7 @@ def test_only_declared_parameters_change(reference_run):
     assert any(k.endswith("weight_quantizer.zero") for k in s0)
     s1 = _changed(snaps[2], snaps[3])  # e2e-qp: step sizes with frozen codes, then latent := (codes - z) * s
     assert any(k.endswith(".weight_quantizer.scale") for k in s1)
-    assert all(k.endswith(".weight_quantizer.scale") or k.endswith("proj.weight") for k in s1)
+    assert all(k.endswith((".weight_quantizer.scale", "proj.weight")) for k in s1)
     s2 = _changed(snaps[4], snaps[5])  # act-clip: activation clipping logits only
     assert s2 and all(".act_quantizer." in k for k in s2)
     # nothing changes between stages, and norms/embeddings never change

@@ -44,7 +44,7 @@ class FrozenCodes:
         self._handles: list = []
 
     @torch.no_grad()
-    def attach(self, state: dict | None = None) -> "FrozenCodes":
+    def attach(self, state: dict | None = None) -> FrozenCodes:
         for name, m in self.modules.items():
             q = m.weight_quantizer
             if state is not None:
