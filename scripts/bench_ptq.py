@@ -20,23 +20,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets" / "corpora"
 
-DEFAULT_CONFIGS = [
+DEFAULT_CONFIGS = [  # in priority order: results are written after every row, so a cut-short run still reports
     # name, method, weight spec, ptq kwargs[, activation spec]
-    ("RTN W4g64", "rtn", {"bits": 4, "group_size": 64}, {}),
-    ("RTN W3g64", "rtn", {"bits": 3, "group_size": 64}, {}),
-    ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),
-    ("GPTQ W4g64", "gptq", {"bits": 4, "group_size": 64}, {}),
-    ("GPTQ W3g64", "gptq", {"bits": 3, "group_size": 64}, {}),
-    ("GPTQ W2g64", "gptq", {"bits": 2, "group_size": 64}, {}),
     ("GPTQ W4g64 act-order", "gptq", {"bits": 4, "group_size": 64}, {"act_order": True}),
     ("GPTQ W3g64 act-order", "gptq", {"bits": 3, "group_size": 64}, {"act_order": True}),
     ("GPTQ W2g64 act-order", "gptq", {"bits": 2, "group_size": 64}, {"act_order": True}),
     # the seed formats' PTQ starting points (issue #4)
-    ("RTN W4g64A4", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4}),
-    ("GPTQ W4g64A4 hadamard", "gptq", {"bits": 4, "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
     ("GPTQ W(1+1)g64", "gptq", {"format": "binary11", "group_size": 64}, {}),
-    ("GPTQ W(1+1)g64A4", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4}),
     ("GPTQ VQ2", "gptq", {"format": "vq"}, {}),
+    ("GPTQ W(1+1)g64A4", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4}),
+    ("RTN W4g64A4", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4}),
+    ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),
+    ("RTN W4g64", "rtn", {"bits": 4, "group_size": 64}, {}),
+    ("RTN W3g64", "rtn", {"bits": 3, "group_size": 64}, {}),
+    ("GPTQ W4g64", "gptq", {"bits": 4, "group_size": 64}, {}),
+    ("GPTQ W3g64", "gptq", {"bits": 3, "group_size": 64}, {}),
+    ("GPTQ W2g64", "gptq", {"bits": 2, "group_size": 64}, {}),
+    ("GPTQ W4g64A4 hadamard", "gptq", {"bits": 4, "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
 ]
 
 
@@ -66,13 +66,23 @@ def main(argv=None) -> int:
     configs = [(c[0], c[1], QuantSpec.from_dict({"weight": c[2], "act": c[4] if len(c) > 4 else None}), c[3])
                for c in DEFAULT_CONFIGS if not a.only or any(s in c[0] for s in a.only)]
     t0 = time.time()
-    rows = ptq_sweep(model, configs, calib, eval_ids, a.seq_len,
-                     on_row=lambda r: print(f"{r.name:24s} ppl {r.perplexity:12.2f}  bpw {r.bits_per_weight:.3f}  "
-                                            f"{r.seconds:6.1f}s", file=sys.stderr, flush=True))
     out = Path(a.out)
     (out / "ptq").mkdir(parents=True, exist_ok=True)
+    done = []
+
+    def on_row(r):
+        print(f"{r.name:24s} ppl {r.perplexity:12.2f}  bpw {r.bits_per_weight:.3f}  {r.seconds:6.1f}s",
+              file=sys.stderr, flush=True)
+        done.append(r)
+        save(a, argv, out, done, eval_ids, time.time() - t0)
+
+    ptq_sweep(model, configs, calib, eval_ids, a.seq_len, on_row=on_row)
+    return 0
+
+
+def save(a, argv, out: Path, rows, eval_ids, seconds: float) -> None:
     env = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "total_seconds": round(time.time() - t0, 1),
+           "torch": torch.__version__, "total_seconds": round(seconds, 1),
            "command": "python scripts/bench_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "protocol": {"eval": Path(a.eval).name, "eval_tokens": int(eval_ids.numel()), "seq_len": a.seq_len,
                         "calib": Path(a.calib).name, "calib_samples": a.calib_samples, "seed": a.seed}}
@@ -81,7 +91,6 @@ def main(argv=None) -> int:
     ref_path = out / "ptq" / "llmcompressor.json"
     ref = json.loads(ref_path.read_text()) if ref_path.is_file() else None
     write_report(out, results, ref)
-    return 0
 
 
 def write_report(out: Path, results: dict, ref: dict | None) -> None:
@@ -102,12 +111,15 @@ def write_report(out: Path, results: dict, ref: dict | None) -> None:
         lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity'] / fp:.2f} | "
                      f"{r['bits_per_weight']:.3f} | {r['seconds']:.0f} |")
     if ref:
-        lines += ["", f"llm-compressor {ref['version']} GPTQ, same model, data and protocol "
-                  f"(`{ref['command']}`, {ref['device']}):", "",
-                  "| config | perplexity | ours (GPTQ, same budget) | ours / theirs |", "| --- | ---: | ---: | ---: |"]
+        lines += ["", f"llm-compressor {ref['version']} GPTQ ({ref['gptq']}), same model, calibration windows and "
+                  f"protocol (`{ref['command']}`, {ref['device']}), beside ours with act-order (what its default "
+                  "`actorder: static` does) and the same calibration budget:", "",
+                  "| config | llm-compressor | ours | ours / theirs |", "| --- | ---: | ---: | ---: |"]
         ours = {r["name"]: r["perplexity"] for r in rows}
         for r in ref["rows"]:
-            mine = ours.get(f"GPTQ {r['config']}")
+            if r["config"] == "FP":
+                continue
+            mine = ours.get(f"GPTQ {r['config']} act-order")
             ratio = f"{mine / r['perplexity']:.3f}" if mine else "-"
             lines.append(f"| {r['config']} | {r['perplexity']:.2f} | {mine:.2f} | {ratio} |" if mine else
                          f"| {r['config']} | {r['perplexity']:.2f} | - | - |")
@@ -119,11 +131,16 @@ def write_report(out: Path, results: dict, ref: dict | None) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, marker in (("rtn", "o"), ("gptq", "s")):
-            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows
-                         if r["method"] == method and "act-order" not in r["name"])
+        series = {"RTN (uniform)": lambda n: n.startswith("RTN W") and n.endswith("g64"),
+                  "GPTQ act-order (uniform)": lambda n: n.startswith("GPTQ W") and n.endswith("act-order")}
+        for label, pick in series.items():
+            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if pick(r["name"]))
             if pts:
-                ax.plot(*zip(*pts), marker=marker, label=method.upper())
+                ax.plot(*zip(*pts), marker="o", label=label)
+        for r in rows:  # the other formats as labelled points
+            if r["name"] != "FP" and not any(pick(r["name"]) for pick in series.values()):
+                ax.scatter(r["bits_per_weight"], r["perplexity"], marker="x")
+                ax.annotate(r["name"], (r["bits_per_weight"], r["perplexity"]), fontsize=7)
         ax.axhline(fp, color="k", ls="--", label=f"FP ({fp:.1f})")
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight (incl. metadata)")
