@@ -24,13 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(a) -> int:
     from qat.cli import CLIError
     from qat.distill.recipe import parse_args
-    from qat.distill.run import run_distill
+    from qat.distill.run import TrainingIncompleteError, run_distill
     from qat.distill.stage import NonFiniteLossError
 
     recipe, extra = parse_args(list(a.argv))
     try:
         result = run_distill(recipe, resume=extra["resume"], overwrite=extra["overwrite"])
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, TrainingIncompleteError) as e:
         raise CLIError(str(e)) from None
     print(json.dumps({"output": result["output"], "run_dir": result["run_dir"], "seconds": result["seconds"],
                       "steps": result["global_steps"],

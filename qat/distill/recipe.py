@@ -364,17 +364,11 @@ class Recipe:
             raise RecipeError(f"eval.max_tokens {self.eval.max_tokens} is less than one window of {self.eval.seq_len}")
         if self.checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.precision not in ("32-true", "bf16-mixed", "16-mixed", "bf16-true"):
-            raise RecipeError(f"unknown precision {self.precision!r}; use 32-true, bf16-mixed, 16-mixed or bf16-true")
-        spec = self.quant_spec()
-        if spec is not None:
-            for i, s in enumerate(self.stages):
-                if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc):
-                    raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
-                                      f"scale/zero (not lwc), the spec is {spec.describe()}")
-                if s.kind == "act" and not spec.act.enabled:
-                    raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
-                                      f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
+        # 16-mixed is left out on purpose: its GradScaler only works with optimizers Lightning owns
+        if self.precision not in ("32-true", "bf16-mixed", "bf16-true"):
+            raise RecipeError(f"unknown precision {self.precision!r}; use 32-true, bf16-mixed or bf16-true")
+        if self.quant is not None:
+            self.check_spec(self.quant)
         for name in ("model", "student", "output", "run_dir"):
             v = getattr(self, name)
             if v is not None:
@@ -384,6 +378,16 @@ class Recipe:
             if v is not None:
                 setattr(obj, name, _expand(v))
         return self
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Stage options that depend on the number format (also run on a --student checkpoint's spec)."""
+        for i, s in enumerate(self.stages):
+            if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc):
+                raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
+                                  f"scale/zero (not lwc), the spec is {spec.describe()}")
+            if s.kind == "act" and not spec.act.enabled:
+                raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
+                                  f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
 
     def quant_spec(self) -> QuantSpec | None:
         return self.quant

@@ -28,6 +28,10 @@ from qat.distill.stage import DistillContext, NonFiniteLossError  # noqa: F401  
 CKPT_DIR = "checkpoints"
 
 
+class TrainingIncompleteError(RuntimeError):
+    """fit() returned before the last stage ended (e.g. an interrupt Lightning handled); the run can be resumed."""
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,11 +87,12 @@ def preflight(recipe: Recipe, resume: str | None, overwrite: bool) -> dict:
             if k in cfg_t and cfg_s.get(k) != cfg_t.get(k):
                 raise RecipeError(f"PTQ student {recipe.student!r} has {k}={cfg_s.get(k)}, the model "
                                   f"{str(model_dir)!r} has {cfg_t.get(k)}")
+    recipe.check_spec(spec)
     for path, what in ((recipe.data.train_file, "data.train_file"), (recipe.eval.file, "eval.file")):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
-    adapter = get_adapter(AutoConfig.from_pretrained(str(model_dir), local_files_only=True).model_type)
     cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    adapter = get_adapter(cfg.model_type)
     if getattr(cfg, "use_parallel_residual", False) or adapter.parallel_residual:
         for i, s in enumerate(recipe.stages):
             if s.units == "acbq" and s.block_objective:
@@ -187,8 +192,8 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
     if not module.finished:
-        raise RuntimeError(f"training stopped before the last stage finished (at stage {module.stage_index}); "
-                           f"continue with --resume last")
+        raise TrainingIncompleteError(f"training stopped before the last stage finished (at stage "
+                                      f"{module.stage_index}); continue with --resume last")
 
     student.eval()
     meta = {"base_model": str(model_dir), "history": module.history, "init": init,
