@@ -73,8 +73,11 @@ def gptq_sequential(
 
             q = quantize_chunk(w, i1 + j, peek)
             Q[:, i1 + j : i1 + k] = q
-            # err @ inv(U_jj): for chunk == 1 this is GPTQ's (w - q) / [H^-1]_jj
-            err = torch.linalg.solve_triangular(U1[j:k, j:k], (w - q), upper=True, left=False)
+            # err @ inv(U_jj): for chunk == 1 this is GPTQ's (w - q) / [H^-1]_jj (a plain division: the hot path)
+            if chunk == 1:
+                err = (w - q) / U1[j, j]
+            else:
+                err = torch.linalg.solve_triangular(U1[j:k, j:k], (w - q), upper=True, left=False)
             W1[:, k:] -= err @ U1[j:k, k:]
             Err1[:, j:k] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
