@@ -135,3 +135,35 @@ def test_cli_ptq_keeps_an_existing_output_without_overwrite(tmp_path, assets_dir
     assert qat_main(argv + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "student.safetensors").is_file()
     shutil.rmtree(out)
+
+
+
+def test_shared_gram_matrices_equal_per_module_statistics():
+    """q/k/v share one Gram computation per batch; the statistics must equal a per-module float64 accumulation."""
+    from qat.models import capture_block_inputs, get_adapter, run_block
+    from qat.nn import QuantLinear, quantize_model
+    from qat.ptq.calibration import attach_input_stats
+
+    model = tiny_model("llama")
+    quantize_model(model, QuantSpec.from_dict({"weight": {"group_size": 32}}))
+    block = get_adapter(model).blocks(model)[0]
+    h, kw = capture_block_inputs(model, torch.randint(0, 256, (8, 16)))
+    mods = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+    stats, remove = attach_input_stats(mods)
+    ref = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+
+    def record(name):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            ref[name].add_(2 * x.t() @ x)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in mods.items()]
+    with torch.no_grad():
+        for j in range(0, 8, 2):
+            run_block(block, h[j : j + 2], kw)
+    remove()
+    for hk in hooks:
+        hk.remove()
+    for n in mods:
+        torch.testing.assert_close(stats[n].H, ref[n] / stats[n].n, rtol=1e-5, atol=1e-6)
