@@ -48,7 +48,7 @@ PTQ = {
     "w2g64-rtn": ["--method", "rtn", "--bits", "2", "--group-size", "64"],
     "w1p1a4-gptq": ["--method", "gptq", "--format", "binary11", "--group-size", "64", "--act-bits", "4"],
     "vq2-gptq": ["--method", "gptq", "--format", "vq"],
-    "w4a4-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--lwc", "--act-bits", "4"],
+    "w4a4-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-bits", "4"],
 }
 
 
