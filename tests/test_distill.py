@@ -82,6 +82,7 @@ class Recorder(Callback):
 
     def __init__(self):
         self.events, self.snapshots, self.steps = [], [], []
+        self.grad_scopes = []  # block-wise steps: (trainable names all inside the window, optimizer holds exactly them)
 
     def on_distill_stage_start(self, trainer, module):
         from qat.distill.params import state_fingerprint
@@ -97,6 +98,13 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append(module.global_step_)
+        stage = module.stage
+        if stage is not None and stage.spec.kind == "blockwise" and stage.opt is not None:
+            names = {n for n, p in module.student.named_parameters() if p.requires_grad}
+            inside = all(any(n.startswith(pre + ".") for pre in stage.prefixes) for n in names)
+            in_opt = {id(p) for g in stage.opt.param_groups for p in g["params"]}
+            ids = {id(p) for n, p in module.student.named_parameters() if p.requires_grad}
+            self.grad_scopes.append((bool(names) and inside, in_opt == ids))
 
 
 class KillAt(Callback):
@@ -135,6 +143,11 @@ def test_stage_schedule_order(reference_run):
     # block-wise: the three decoder blocks, shallow to deep, each one window of 4 steps
     assert [w["blocks"] for w in hist[1]["windows"]] == [[0], [1], [2]]
     assert all(h["val_ppl"] > 1 for h in hist)
+
+
+def test_only_the_active_window_holds_gradients_and_optimizer_state(reference_run):
+    scopes = reference_run["rec"].grad_scopes
+    assert len(scopes) == 11 and all(a and b for a, b in scopes)  # 12 block-wise steps; after the last, none
 
 
 def _changed(before, after):
