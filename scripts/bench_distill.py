@@ -18,6 +18,7 @@ Budgets (a CPU-sized cut of the recipes; `full` runs the recipes as written):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -67,7 +68,9 @@ def stage0(recipe: str, **changes) -> str:
 # name, group, recipe, PTQ student, extra CLI overrides, what it shows
 EXPERIMENTS = [
     ("w2g64-efficientqat", "main", "efficientqat-w2g64", "w2g64-gptq", [],
-     "W2g64: GPTQ init -> Block-AP (token_mse) -> E2E-QP (scales, KL)"),
+     "W2g64: GPTQ -> block-wise scales/zeros (frozen codes, token_mse) -> E2E-QP (scales, frozen codes, KL)"),
+    ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", [], "W(1+1)A4: WAT -> E2E polish -> AAR"),
+    ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", [], "VQ 2-bit: block FT -> E2E QAT"),
     ("w2g64-loss-mse", "loss", "efficientqat-w2g64", "w2g64-gptq",
      ["--stages", stage0("efficientqat-w2g64", **{"loss.kind": "mse"})], "stage 1 only, plain MSE"),
     ("w2g64-loss-mse-nosink", "loss", "efficientqat-w2g64", "w2g64-gptq",
@@ -93,8 +96,6 @@ EXPERIMENTS = [
     ("w2g64-cbq-k1s0", "cbq", "cbq-w2g64", "w2g64-gptq",
      ["--stages.0.window", "1", "--stages.0.overlap", "0", "--stages.0.loss.homologous", "false"],
      "same budget, one block per window"),
-    ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", [], "W(1+1)A4: WAT -> E2E polish -> AAR"),
-    ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", [], "VQ 2-bit: block FT -> E2E QAT"),
     ("w4a4-acbq-units", "acbq", "acbq-w4a4", "w4a4-gptq", [], "ACBQ attention/MLP units + cross-unit term"),
     ("w4a4-acbq-blocks", "acbq", "acbq-w4a4", "w4a4-gptq",
      ["--stages.0.units", "block", "--stages.0.loss.cross_unit_weight", "0.0"], "same budget, whole blocks, no cross term"),
@@ -201,10 +202,41 @@ def _ppl(res: dict, stage_kind: str | None = None, index: int | None = None):
     return next((h["val_ppl"] for h in hs if h["kind"] == stage_kind), None)
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical CPUs)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
+def _findings(results: list[dict]) -> list[str]:
+    """One computed sentence per group: the experiments ranked by their final perplexity."""
+    out = []
+    for group, title in (("loss", "stage-1 loss / init (W2g64, stage 1 only)"), ("cbq", "CBQ window"),
+                         ("acbq", "ACBQ units")):
+        rows = [(r["name"], [h["val_ppl"] for h in r["history"] if "val_ppl" in h][-1]) for r in results
+                if r["group"] == group and not r.get("rc")]
+        if len(rows) > 1:
+            rows.sort(key=lambda x: x[1])
+            out.append(f"* {title}: " + " < ".join(f"{n} ({v:,.1f})" for n, v in rows))
+    for r in results:
+        if r["group"] == "main" and not r.get("rc"):
+            ppl = [h["val_ppl"] for h in r["history"] if "val_ppl" in h]
+            mono = all(b < a for a, b in itertools.pairwise(ppl))
+            out.append(f"* {r['name']}: " + " -> ".join(f"{v:,.1f}" for v in ppl) +
+                       (" (every stage lowers perplexity)" if mono else " (NOT monotone)"))
+    return out
+
+
 def report(out_dir: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted((WORK / "results").glob("*.json")) if p.name != "_fp.json"]
     order = {e[0]: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: order.get(r["name"], 999))
+    for r in results:  # the current description (results store the one from their run)
+        if r["name"] in order:
+            r["what"] = EXPERIMENTS[order[r["name"]]][5]
     fp = json.loads((WORK / "results" / "_fp.json").read_text()) if (WORK / "results" / "_fp.json").is_file() else {}
     fmt = lambda v: "—" if v is None else (f"{v:,.1f}" if v < 1e5 else f"{v:.3g}")
     lines = [
@@ -218,20 +250,23 @@ def report(out_dir: Path) -> None:
         "run as listed. Budgets are CPU-sized cuts of the recipes (see the script's docstring), far below the "
         "recipes' own epochs — these are trends at a tiny budget, not converged results."),
         "",
-        "| experiment | what | budget | PTQ | after stage 1 | after stage 2 | after stage 3 | wall (distill) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ("| experiment | what | budget | bits/weight | PTQ | after stage 1 | after stage 2 | after stage 3 | "
+         "wall (distill) |"),
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r.get("rc"):
-            lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | failed (rc {r['rc']}) | | | | "
+            lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | | failed (rc {r['rc']}) | | | | "
                          f"{r['seconds']:.0f} s |")
             continue
         hs = [h for h in r["history"] if "val_ppl" in h]
         ptq = next((h["val_ppl"] for h in hs if h["kind"] == "ptq"), None)
         st = [h["val_ppl"] for h in hs if h["kind"] != "ptq"] + [None] * 3
-        lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | {fmt(ptq)} | {fmt(st[0])} | {fmt(st[1])} | "
-                     f"{fmt(st[2])} | {r['seconds']:.0f} s |")
-    lines += ["", "![perplexity per stage](distill_results.png)", "", "## Commands", ""]
+        bpw = r.get("bits_per_weight")
+        lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | {'' if bpw is None else f'{bpw:.3f}'} | "
+                     f"{fmt(ptq)} | {fmt(st[0])} | {fmt(st[1])} | {fmt(st[2])} | {r['seconds']:.0f} s |")
+    lines += ["", "Ranked (lower is better):", "", *_findings(results), "",
+              "![perplexity per stage](distill_results.png)", "", "## Commands", ""]
     seen_ptq = set()
     for r in results:
         if r["ptq_command"] not in seen_ptq:
@@ -241,7 +276,8 @@ def report(out_dir: Path) -> None:
         lines += [f"`{r['name']}` ({r['date']}, {r['threads']} thread(s), {r['seconds']:.0f} s):", "", "```",
                   r["command"], "```", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "DISTILL_RESULTS.md").write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines).replace(str(REPO) + "/", "") + "\n"  # no machine paths in the docs
+    (out_dir / "DISTILL_RESULTS.md").write_text(text)
     plot(results, fp, out_dir / "distill_results.png")
     print(f"wrote {out_dir / 'DISTILL_RESULTS.md'}")
 
