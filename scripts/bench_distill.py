@@ -246,7 +246,7 @@ def report(out_dir: Path) -> None:
         "command shown with it. Perplexity: first 16,384 tokens of WikiText-2 raw test, windows of 512, bos once "
         f"(FP teacher: **{fp.get('perplexity', float('nan')):.2f}**). Training/calibration text: WikiText-2 valid."),
         "",
-        (f"Machine: {platform.processor() or platform.machine()}, CPU only, shared by other jobs; torch threads per "
+        (f"Machine: {_cpu()}, CPU only, shared with other jobs; torch threads per "
         "run as listed. Budgets are CPU-sized cuts of the recipes (see the script's docstring), far below the "
         "recipes' own epochs — these are trends at a tiny budget, not converged results."),
         "",
