@@ -69,6 +69,8 @@ def stage0(recipe: str, **changes) -> str:
 EXPERIMENTS = [
     ("w2g64-efficientqat", "main", "efficientqat-w2g64", "w2g64-gptq", [],
      "W2g64: GPTQ -> block-wise scales/zeros (frozen codes, token_mse) -> E2E-QP (scales, frozen codes, KL)"),
+    ("w2g64-efficientqat-cosine", "main", "efficientqat-w2g64", "w2g64-gptq", ["--stages.0.loss.kind", "cosine"],
+     "same, stage-1 loss cosine"),
     ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", [], "W(1+1)A4: WAT -> E2E polish -> AAR"),
     ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", [], "VQ 2-bit: block FT -> E2E QAT"),
     ("w2g64-loss-mse", "loss", "efficientqat-w2g64", "w2g64-gptq",
