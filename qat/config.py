@@ -121,7 +121,7 @@ class QuantSpec:
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         d = dict(d or {})
         unknown = sorted(set(d) - {"weight", "act", "skip"})
         if unknown:

@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
             self.rotation_block = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rotation_seed: int = 0) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rotation_seed: int = 0) -> QuantLinear:
         """Build from an nn.Linear (or a GPT-2 Conv1D, whose weight is stored transposed)."""
         w = linear.weight.detach()
         if type(linear).__name__ == "Conv1D":

@@ -21,7 +21,7 @@ from qat_kernels.packing import pack_bits, unpack_bits
 
 triton = pytest.importorskip("triton")
 
-from qat_kernels.triton import binary11, common, uniform, vq, w4a4
+from qat_kernels.triton import binary11, common, uniform, vq, w4a4  # noqa: E402  (after the triton skip)
 
 N, K, G = 72, 576, 64
 

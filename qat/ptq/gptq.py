@@ -7,7 +7,7 @@ of H^-1 (the LDLQ form of the update, exact for d = 1 and the block-LDL generali
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
