@@ -1,6 +1,6 @@
 """Distillation benchmark on the real default model: PTQ students once (`qat ptq`), then recipes and ablations through
 the `qat distill` CLI under a compute budget; every experiment's perplexity history (after PTQ, after each stage) is
-kept in runs/bench-distill/results/<name>.json, and docs/DISTILL_RESULTS.md + docs/distill_results.png are rebuilt
+kept in docs/distill/<name>.json, and docs/DISTILL_RESULTS.md + docs/distill_results.png are rebuilt
 from all stored results (so experiments can be run in separate invocations).
 
 Protocol: perplexity on the first 16,384 tokens of WikiText-2 raw test at seq-len 512 (bos once), the recipes'
@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORPORA = "../shared/assets/corpora"
 WORK_REL = Path("runs") / "bench-distill"  # commands use repo-relative paths (they run with cwd = the repo root)
 WORK = REPO / WORK_REL
+# results are small and are the evidence behind docs/DISTILL_RESULTS.md: they live in the repo, not in runs/
+RESULTS = REPO / "docs" / "distill"
 CFG = "configs/smollm2-135m"
 
 BUDGETS = {
@@ -171,15 +173,15 @@ def run_experiment(exp, a, env) -> dict:
         res["spec"] = meta["spec"]
     else:
         res["error"] = (WORK / "out" / f"{name}.log").read_text()[-2000:]
-    (WORK / "results").mkdir(parents=True, exist_ok=True)
-    (WORK / "results" / f"{name}.json").write_text(json.dumps(res, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2).replace(str(REPO) + "/", ""))
     print(f"[{name}] rc={rc} {secs:.0f}s " + " ".join(f"{h['stage']}={h['val_ppl']:.1f}" for h in res.get("history", [])
                                                     if "val_ppl" in h), flush=True)
     return res
 
 
 def fp_perplexity(a) -> dict:
-    f = WORK / "results" / "_fp.json"
+    f = RESULTS / "_fp.json"
     if f.is_file():
         return json.loads(f.read_text())
     import torch
@@ -233,13 +235,13 @@ def _findings(results: list[dict]) -> list[str]:
 
 
 def report(out_dir: Path) -> None:
-    results = [json.loads(p.read_text()) for p in sorted((WORK / "results").glob("*.json")) if p.name != "_fp.json"]
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.name != "_fp.json"]
     order = {e[0]: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: order.get(r["name"], 999))
     for r in results:  # the current description (results store the one from their run)
         if r["name"] in order:
             r["what"] = EXPERIMENTS[order[r["name"]]][5]
-    fp = json.loads((WORK / "results" / "_fp.json").read_text()) if (WORK / "results" / "_fp.json").is_file() else {}
+    fp = json.loads((RESULTS / "_fp.json").read_text()) if (RESULTS / "_fp.json").is_file() else {}
     fmt = lambda v: "—" if v is None else (f"{v:,.1f}" if v < 1e5 else f"{v:.3g}")
     lines = [
         "# Distillation results (SmolLM2-135M-Instruct)",
@@ -342,8 +344,8 @@ def main(argv=None) -> int:
                 continue
             if a.group and group not in a.group:
                 continue
-            if not a.rerun and (WORK / "results" / f"{name}.json").is_file():
-                prev = json.loads((WORK / "results" / f"{name}.json").read_text())
+            if not a.rerun and (RESULTS / f"{name}.json").is_file():
+                prev = json.loads((RESULTS / f"{name}.json").read_text())
                 if prev.get("budget") == a.budget and not prev.get("rc"):
                     continue
             run_experiment(exp, a, env)

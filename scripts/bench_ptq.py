@@ -86,8 +86,24 @@ def save(a, argv, out: Path, rows, eval_ids, seconds: float) -> None:
            "command": "python scripts/bench_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "protocol": {"eval": Path(a.eval).name, "eval_tokens": int(eval_ids.numel()), "seq_len": a.seq_len,
                         "calib": Path(a.calib).name, "calib_samples": a.calib_samples, "seed": a.seed}}
-    results = {"env": env, "rows": [r.__dict__ for r in rows]}
-    (out / "ptq" / "results.json").write_text(json.dumps(results, indent=2))
+    # rows from earlier invocations (other --only selections) are kept unless re-measured now; each row remembers the
+    # command and thread count that measured it, so the report can say so
+    path = out / "ptq" / "results.json"
+    kept = []
+    if path.is_file():
+        prev = json.loads(path.read_text())
+        for r in prev["rows"]:
+            r.setdefault("command", prev["env"]["command"])
+            r.setdefault("device", prev["env"]["device"])
+            if prev["env"]["protocol"] == env["protocol"] and r["name"] not in {x.name for x in rows}:
+                kept.append(r)
+    now = [dict(r.__dict__, command=env["command"], device=env["device"]) for r in rows]
+    order = ["FP"] + [c[0] for c in DEFAULT_CONFIGS]
+    merged = sorted(kept + now, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    results = {"env": env, "rows": merged}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
     ref_path = out / "ptq" / "llmcompressor.json"
     ref = json.loads(ref_path.read_text()) if ref_path.is_file() else None
     write_report(out, results, ref)
@@ -99,10 +115,11 @@ def write_report(out: Path, results: dict, ref: dict | None) -> None:
     lines = [
         "# PTQ baselines (RTN, GPTQ) on the default model",
         "",
-        f"Measured by `{env['command']}` on {env['device']}, torch {env['torch']}, {env['total_seconds']} s in all.",
-        f"Perplexity on the first {env['protocol']['eval_tokens']} tokens of {env['protocol']['eval']} "
+        ("Measured by `scripts/bench_ptq.py` (the commands are listed under the table) with torch "
+        f"{env['torch']}."),
+        (f"Perplexity on the first {env['protocol']['eval_tokens']} tokens of {env['protocol']['eval']} "
         f"(windows of {env['protocol']['seq_len']}, bos once); calibration {env['protocol']['calib_samples']} x "
-        f"{env['protocol']['seq_len']} tokens sampled from {env['protocol']['calib']} (seed {env['protocol']['seed']}).",
+        f"{env['protocol']['seq_len']} tokens sampled from {env['protocol']['calib']} (seed {env['protocol']['seed']})."),
         "",
         "| config | perplexity | x FP | bits/weight (with scales, zeros) | PTQ time (s) |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -110,10 +127,16 @@ def write_report(out: Path, results: dict, ref: dict | None) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity'] / fp:.2f} | "
                      f"{r['bits_per_weight']:.3f} | {r['seconds']:.0f} |")
+    lines += ["", ("Commands (each row was measured by one of these; `--only` picks rows, results accumulate in "
+              "docs/ptq/results.json):"), ""]
+    for cmd in dict.fromkeys(r.get("command", env["command"]) for r in rows):
+        names = [r["name"] for r in rows if r.get("command", env["command"]) == cmd]
+        dev = next(r.get("device", env["device"]) for r in rows if r.get("command", env["command"]) == cmd)
+        lines.append(f"- `{cmd}` on {dev}: {', '.join(names)}")
     if ref:
-        lines += ["", f"llm-compressor {ref['version']} GPTQ ({ref['gptq']}), same model, calibration windows and "
+        lines += ["", (f"llm-compressor {ref['version']} GPTQ ({ref['gptq']}), same model, calibration windows and "
                   f"protocol (`{ref['command']}`, {ref['device']}), beside ours with act-order (what its default "
-                  "`actorder: static` does) and the same calibration budget:", "",
+                  "`actorder: static` does) and the same calibration budget:"), "",
                   "| config | llm-compressor | ours | ours / theirs |", "| --- | ---: | ---: | ---: |"]
         ours = {r["name"]: r["perplexity"] for r in rows}
         for r in ref["rows"]:
