@@ -133,6 +133,39 @@ def test_export_load_matches_student(tmp_path, spec_dict):
     assert qc["act_bits"] == spec.act.bits and qc["act_hadamard"] == spec.act.hadamard
 
 
+@pytest.mark.parametrize(("act", "fused"), [({"bits": 4, "sym": True, "hadamard": True}, True), ({"bits": 4}, True),
+                                           ({"bits": 8, "sym": True}, True), ({"bits": 8}, False)],
+                         ids=["A4-sym-had", "A4-asym", "A8-sym", "A8-asym-fallback"])
+def test_kernel_path_with_activation_quantization_matches_reference(tmp_path, act, fused, monkeypatch):
+    """The Triton path of a W4A* export: the integer kernel quantizes activations per token itself (with the learned
+    clip factors) where its int8 operands can hold the codes, else the fake-quant + weight kernel fallback; both give
+    the reference path's logits."""
+    pytest.importorskip("triton")
+    from qat_kernels.triton import w4a4
+
+    from qat.export.runtime import set_kernel_backend
+
+    model, _, student = make_student(tmp_path, {"weight": {"bits": 4, "group_size": 32}, "act": act})
+    assert export(student, tmp_path / "e", "--dtype", "float32") == 0
+    loaded = load_quantized(tmp_path / "e")
+    for i, m in enumerate(m for m in loaded.modules() if type(m).__name__ == "PackedActQuantizer"):
+        m.clip_hi.fill_(0.6 + 0.01 * i)  # as if learned: the kernel must use these, not 1.0
+        m.clip_lo.fill_(0.7)
+    x = ids(1, 8)
+    with torch.no_grad():
+        ref = loaded(x).logits
+    calls = []
+    real = w4a4.linear
+    monkeypatch.setattr(w4a4, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert set_kernel_backend(loaded, "triton") == len(quant_linears(model))
+    with torch.no_grad():
+        got = loaded(x).logits
+    assert len(calls) == (len(quant_linears(model)) if fused else 0)
+    assert_logits_match(ref, got, rel=1e-3)
+    with pytest.raises(ValueError, match="kernel backend must be 'auto' or 'triton'"):
+        set_kernel_backend(loaded, "cuda")
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2", "gpt_neox"])
 def test_export_other_families(tmp_path, family):
     model, _, student = make_student(tmp_path, {"weight": {"bits": 4, "group_size": 32}}, family=family)

@@ -4,6 +4,9 @@ It holds only the packed weight tensors (buffers named exactly as in model.safet
 quantizer's runtime parameters and the input-rotation signs, and computes what QuantLinear computes in eval mode:
 
     x -> block-Hadamard rotation (if any) -> activation fake-quant (if any) -> qat_kernels linear on the packed weight
+
+On the kernels' path (CUDA inputs) a uniform per-token activation quantizer is not applied here but handed to the
+dispatcher, whose integer W4A4/W8A8 kernel quantizes x itself with the same math (kernels/act_quant.py).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ KernelLinear = Callable[[torch.Tensor, str, dict, dict, "torch.Tensor | None"], 
 
 def kernel_meta(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, Any]:
     """The static description of one packed layer that qat_kernels.dispatch.linear needs next to its tensors.
-    Activation quantization is applied by PackedLinear itself (act_bits left at 16 here), exactly as QuantLinear
-    applies it, so the learned clipping parameters need no kernel-side equivalent."""
+    act_bits is left at 16 here: PackedLinear either applies its activation quantizer itself (reference path, knee
+    mode) or adds the act_* entries per call (PackedLinear.fused_act) for the integer kernels."""
     w = spec.weight
     group = -1 if w.format == "vq" else w.group_for(in_features)  # vq has no groups (one affine map per layer)
     meta: dict[str, Any] = {"in_features": in_features, "out_features": out_features, "group_size": group}
@@ -90,6 +93,10 @@ class PackedLinear(nn.Module):
         for k, v in packed.items():
             self.register_buffer(k, v)
         self.use_dispatch: bool | None = None  # decided on the first forward, once the tensors hold data
+        # "auto": Triton kernels for CUDA inputs, reference math elsewhere; "triton" forces the kernels (on CPU under
+        # TRITON_INTERPRET=1: how the fused W4A4 path is tested without a GPU)
+        self.backend = "auto"
+        self.fused_act: dict[str, Any] | None = None  # activation meta for the integer W4A4 kernel, set by prepare()
         # CPU generation: dequantize once and keep the dense weight (same values; the packed kernels are GPU-only)
         self.cache_dense = False
         self._dense: torch.Tensor | None = None
@@ -113,6 +120,14 @@ class PackedLinear(nn.Module):
         if "hadamard_blocks" in packed:  # vq: block sizes are data; hand them over as ints (no read-back per call)
             self.meta["block_in"], self.meta["block_out"] = (int(v) for v in packed["hadamard_blocks"].tolist())
         self.use_dispatch = dispatch_supports(self.format, packed, self.meta)
+        self.fused_act = None
+        act = self.spec.act
+        if self.use_dispatch and self.act_quantizer is not None and act.mode == "uniform":
+            # the kernel quantizes x per token itself (integer GEMM), with the learned clip factors as plain floats:
+            # read once here, not per call (a device->host copy each)
+            self.fused_act = {"act_bits": act.bits, "act_sym": act.sym,
+                              "act_clip_hi": float(self.act_quantizer.clip_hi),
+                              "act_clip_lo": float(self.act_quantizer.clip_lo)}
 
     def dequantize(self) -> torch.Tensor:
         """The effective weight [out, in] in float32 (what QuantLinear's quantized_weight() gave the student)."""
@@ -133,6 +148,10 @@ class PackedLinear(nn.Module):
             self.prepare()
         if self.rotation_block:
             x = block_hadamard(x, self.rotation_signs, self.rotation_block)
+        kernels = self.use_dispatch and not self.cache_dense and (x.is_cuda or self.backend == "triton")
+        if kernels and self.fused_act is not None:  # W4A4/W8A8: per-token quantization inside the integer kernel
+            return dispatch_linear()(x, self.format, self.packed(), {**self.meta, **self.fused_act}, self.bias,
+                                     backend="triton" if self.backend == "triton" else "auto")
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         if self.cache_dense:
@@ -143,12 +162,23 @@ class PackedLinear(nn.Module):
             return linear_dense(x, self._dense, self.bias)
         if self.use_dispatch:
             # on CPU ask for the reference path directly ("auto" would probe the Triton interpreter first)
-            backend = "auto" if x.is_cuda else "reference"
+            backend = "triton" if self.backend == "triton" else "auto" if x.is_cuda else "reference"
             return dispatch_linear()(x, self.format, self.packed(), self.meta, self.bias, backend=backend)
         return unpack_linear(x, self.spec, self.out_features, self.in_features, self.packed(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.spec.describe()}"
+
+
+def set_kernel_backend(model: nn.Module, backend: str) -> int:
+    """'auto' (Triton for CUDA inputs) or 'triton' (always; on CPU only under TRITON_INTERPRET=1) for every
+    PackedLinear; returns how many."""
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"kernel backend must be 'auto' or 'triton', got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.backend = backend
+    return len(layers)
 
 
 def set_dense_cache(model: nn.Module, enabled: bool) -> int:
