@@ -48,8 +48,11 @@ BUDGETS = {
 # PTQ students shared by experiments: name -> `qat ptq` options (calibration count comes from the budget)
 PTQ = {
     "w2g64-gptq": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
+    "w2g64-gptq-ao": ["--method", "gptq", "--bits", "2", "--group-size", "64", "--act-order"],
     "w2g64-rtn": ["--method", "rtn", "--bits", "2", "--group-size", "64"],
     "w1p1a4-gptq": ["--method", "gptq", "--format", "binary11", "--group-size", "64", "--act-bits", "4"],
+    "w1p1a4h-gptq": ["--method", "gptq", "--format", "binary11", "--group-size", "64", "--act-bits", "4",
+                     "--act-hadamard"],
     "vq2-gptq": ["--method", "gptq", "--format", "vq"],
     "w4a4-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-bits", "4"],
 }
@@ -73,7 +76,11 @@ EXPERIMENTS = [
      "W2g64: GPTQ -> block-wise scales/zeros (frozen codes, token_mse) -> E2E-QP (scales, frozen codes, KL)"),
     ("w2g64-efficientqat-cosine", "main", "efficientqat-w2g64", "w2g64-gptq", ["--stages.0.loss.kind", "cosine"],
      "same, stage-1 loss cosine"),
+    ("w2g64-ao-cosine", "main", "efficientqat-w2g64", "w2g64-gptq-ao", ["--stages.0.loss.kind", "cosine"],
+     "same, act-order GPTQ init, stage-1 loss cosine"),
     ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", [], "W(1+1)A4: WAT -> E2E polish -> AAR"),
+    ("w1p1a4h-lbllm", "main", "lbllm-w1p1a4", "w1p1a4h-gptq", ["--quant.act.hadamard", "true"],
+     "W(1+1)A4 with a random Hadamard before every linear (QuaRot-style): WAT -> E2E polish -> AAR"),
     ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", [], "VQ 2-bit: block FT -> E2E QAT"),
     ("w2g64-loss-mse", "loss", "efficientqat-w2g64", "w2g64-gptq",
      ["--stages", stage0("efficientqat-w2g64", **{"loss.kind": "mse"})], "stage 1 only, plain MSE"),
@@ -151,18 +158,24 @@ def ensure_ptq(name: str, a, env) -> tuple[Path, dict]:
     return out, meta
 
 
+def result_key(name: str, budget: str) -> str:
+    """Stored-result name: the small budget (the default) keeps the bare name, other budgets add '@budget'."""
+    return name if budget == "small" else f"{name}@{budget}"
+
+
 def run_experiment(exp, a, env) -> dict:
     name, group, recipe, ptq, extra, what = exp
     student, ptq_meta = ensure_ptq(ptq, a, env)
-    out = WORK_REL / "out" / name
+    key = result_key(name, a.budget)
+    out = WORK_REL / "out" / key
     (REPO / out.parent).mkdir(parents=True, exist_ok=True)
     stages_given = "--stages" in extra
     cmd = [sys.executable, "-m", "qat.cli", "distill", "--config", f"{CFG}/{recipe}.yaml", "--model", a.model,
            "--student", str(student), "--output", str(out), "--overwrite", "true", "--progress", "false",
            *budget_overrides(recipe, a.budget, stages_given), *extra]
-    print(f"[{name}] {show(cmd)}", flush=True)
-    rc, secs = sh(cmd, env, WORK / "out" / f"{name}.log")
-    res = {"name": name, "group": group, "recipe": recipe, "ptq": ptq, "what": what, "budget": a.budget,
+    print(f"[{key}] {show(cmd)}", flush=True)
+    rc, secs = sh(cmd, env, WORK / "out" / f"{key}.log")
+    res = {"name": name, "key": key, "group": group, "recipe": recipe, "ptq": ptq, "what": what, "budget": a.budget,
            "command": show(cmd), "ptq_command": ptq_meta["command"], "ptq_seconds": ptq_meta["seconds"],
            "seconds": round(secs, 1), "rc": rc, "threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M")}
     if rc == 0:
@@ -172,10 +185,10 @@ def run_experiment(exp, a, env) -> dict:
         res["bits_per_weight"] = meta.get("bits_per_weight")
         res["spec"] = meta["spec"]
     else:
-        res["error"] = (WORK / "out" / f"{name}.log").read_text()[-2000:]
+        res["error"] = (WORK / "out" / f"{key}.log").read_text()[-2000:]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2).replace(str(REPO) + "/", ""))
-    print(f"[{name}] rc={rc} {secs:.0f}s " + " ".join(f"{h['stage']}={h['val_ppl']:.1f}" for h in res.get("history", [])
+    (RESULTS / f"{key}.json").write_text(json.dumps(res, indent=2).replace(str(REPO) + "/", ""))
+    print(f"[{key}] rc={rc} {secs:.0f}s " + " ".join(f"{h['stage']}={h['val_ppl']:.1f}" for h in res.get("history", [])
                                                     if "val_ppl" in h), flush=True)
     return res
 
@@ -220,7 +233,7 @@ def _findings(results: list[dict]) -> list[str]:
     out = []
     for group, title in (("loss", "stage-1 loss / init (W2g64, stage 1 only)"), ("cbq", "CBQ window"),
                          ("acbq", "ACBQ units")):
-        rows = [(r["name"], [h["val_ppl"] for h in r["history"] if "val_ppl" in h][-1]) for r in results
+        rows = [(r.get("key", r["name"]), [h["val_ppl"] for h in r["history"] if "val_ppl" in h][-1]) for r in results
                 if r["group"] == group and not r.get("rc")]
         if len(rows) > 1:
             rows.sort(key=lambda x: x[1])
@@ -229,7 +242,7 @@ def _findings(results: list[dict]) -> list[str]:
         if r["group"] == "main" and not r.get("rc"):
             ppl = [h["val_ppl"] for h in r["history"] if "val_ppl" in h]
             mono = all(b < a for a, b in itertools.pairwise(ppl))
-            out.append(f"* {r['name']}: " + " -> ".join(f"{v:,.1f}" for v in ppl) +
+            out.append(f"* {r.get('key', r['name'])}: " + " -> ".join(f"{v:,.1f}" for v in ppl) +
                        (" (every stage lowers perplexity)" if mono else " (NOT monotone)"))
     return out
 
@@ -237,7 +250,8 @@ def _findings(results: list[dict]) -> list[str]:
 def report(out_dir: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.name != "_fp.json"]
     order = {e[0]: i for i, e in enumerate(EXPERIMENTS)}
-    results.sort(key=lambda r: order.get(r["name"], 999))
+    budgets = list(BUDGETS)
+    results.sort(key=lambda r: (order.get(r["name"], 999), budgets.index(r["budget"])))
     for r in results:  # the current description (results store the one from their run)
         if r["name"] in order:
             r["what"] = EXPERIMENTS[order[r["name"]]][5]
@@ -252,7 +266,19 @@ def report(out_dir: Path) -> None:
         "",
         (f"Machine: {_cpu()}, CPU only, shared with other jobs; torch threads per "
         "run as listed. Budgets are CPU-sized cuts of the recipes (see the script's docstring), far below the "
-        "recipes' own epochs — these are trends at a tiny budget, not converged results."),
+        "recipes' own epochs — these are trends at a small budget, not converged results. Up to four runs shared "
+        "the 2 cores, so wall times are upper bounds."),
+        "",
+        "| budget | PTQ calibration | stage-1 tokens per block (steps x batch x 512) | stage-2 tokens | "
+        "stage-3 tokens per block |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {k} | {b['calib']} x 512 | {b['s1_steps'] * b['s1_bs'] * 512:,} ({b['s1_steps']} x {b['s1_bs']}) | "
+          f"{b['s2_steps'] * b['s2_bs'] * 512:,} ({b['s2_steps']} x {b['s2_bs']}) | "
+          f"{b['s3_steps'] * b['s1_bs'] * 512:,} ({b['s3_steps']} x {b['s1_bs']}) |"
+          for k, b in BUDGETS.items() if b and any(r["budget"] == k for r in results)),
+        "",
+        "The PTQ column is the student each run started from (its own calibration count; GPTQ at 2 bits swings by "
+        "2-3x with the calibration draw, see docs/PTQ.md for the 64-window reference rows).",
         "",
         ("| experiment | what | budget | bits/weight | PTQ | after stage 1 | after stage 2 | after stage 3 | "
          "wall (distill) |"),
@@ -260,15 +286,19 @@ def report(out_dir: Path) -> None:
     ]
     for r in results:
         if r.get("rc"):
-            lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | | failed (rc {r['rc']}) | | | | "
+            lines.append(f"| {r.get('key', r['name'])} | {r['what']} | {r['budget']} | | failed (rc {r['rc']}) | | | | "
                          f"{r['seconds']:.0f} s |")
             continue
         hs = [h for h in r["history"] if "val_ppl" in h]
         ptq = next((h["val_ppl"] for h in hs if h["kind"] == "ptq"), None)
         st = [h["val_ppl"] for h in hs if h["kind"] != "ptq"] + [None] * 3
         bpw = r.get("bits_per_weight")
-        lines.append(f"| {r['name']} | {r['what']} | {r['budget']} | {'' if bpw is None else f'{bpw:.3f}'} | "
+        mark = " †" if r.get("restored_from") else ""
+        lines.append(f"| {r.get('key', r['name'])}{mark} | {r['what']} | {r['budget']} | {'' if bpw is None else f'{bpw:.3f}'} | "
                      f"{fmt(ptq)} | {fmt(st[0])} | {fmt(st[1])} | {fmt(st[2])} | {r['seconds']:.0f} s |")
+    if any(r.get("restored_from") for r in results):
+        lines += ["", "† measured in an earlier session; its stored JSON was lost with that session's scratch directory and "
+                  "was rebuilt from the numbers this page printed then (same command, same machine type)."]
     lines += ["", "Ranked (lower is better):", "", *_findings(results), "",
               "![perplexity per stage](distill_results.png)", "", "## Commands", ""]
     seen_ptq = set()
@@ -277,7 +307,7 @@ def report(out_dir: Path) -> None:
             seen_ptq.add(r["ptq_command"])
             lines += [f"PTQ student `{r['ptq']}` ({r['ptq_seconds']:.0f} s):", "", "```", r["ptq_command"], "```", ""]
     for r in results:
-        lines += [f"`{r['name']}` ({r['date']}, {r['threads']} thread(s), {r['seconds']:.0f} s):", "", "```",
+        lines += [f"`{r.get('key', r['name'])}` ({r['date']}, {r['threads']} thread(s), {r['seconds']:.0f} s):", "", "```",
                   r["command"], "```", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines).replace(str(REPO) + "/", "") + "\n"  # no machine paths in the docs
@@ -313,9 +343,9 @@ def plot(results: list[dict], fp: dict, path: Path) -> None:
     if fp:
         ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label=f"FP {fp['perplexity']:.1f}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(ok)), [r["name"] for r in ok], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(ok)), [r.get("key", r["name"]) for r in ok], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("WikiText-2 perplexity (16k tokens)")
-    ax.set_title(f"SmolLM2-135M distillation, budget {ok[0]['budget']} (CPU)")
+    ax.set_title("SmolLM2-135M distillation on CPU (budget in the name: @medium; no suffix = small)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -344,8 +374,9 @@ def main(argv=None) -> int:
                 continue
             if a.group and group not in a.group:
                 continue
-            if not a.rerun and (RESULTS / f"{name}.json").is_file():
-                prev = json.loads((RESULTS / f"{name}.json").read_text())
+            key = result_key(name, a.budget)
+            if not a.rerun and (RESULTS / f"{key}.json").is_file():
+                prev = json.loads((RESULTS / f"{key}.json").read_text())
                 if prev.get("budget") == a.budget and not prev.get("rc"):
                     continue
             run_experiment(exp, a, env)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ DEFAULT_CONFIGS = [  # in priority order: results are written after every row, s
     ("GPTQ VQ2", "gptq", {"format": "vq"}, {}),
     ("GPTQ W(1+1)g64A4", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4}),
     ("RTN W4g64A4", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4}),
+    # the same two with a random block-Hadamard in front of every linear (QuaRot-style; spreads the outlier channels
+    # that make per-token 4-bit activations so lossy)
+    ("GPTQ W(1+1)g64A4 hadamard", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
+    ("RTN W4g64A4 hadamard", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
     ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),
     ("RTN W4g64", "rtn", {"bits": 4, "group_size": 64}, {}),
     ("RTN W3g64", "rtn", {"bits": 3, "group_size": 64}, {}),
@@ -81,9 +86,10 @@ def main(argv=None) -> int:
 
 
 def save(a, argv, out: Path, rows, eval_ids, seconds: float) -> None:
-    env = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    n = torch.get_num_threads()
+    env = {"device": f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})",
            "torch": torch.__version__, "total_seconds": round(seconds, 1),
-           "command": "python scripts/bench_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": "python scripts/bench_ptq.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "protocol": {"eval": Path(a.eval).name, "eval_tokens": int(eval_ids.numel()), "seq_len": a.seq_len,
                         "calib": Path(a.calib).name, "calib_samples": a.calib_samples, "seed": a.seed}}
     # rows from earlier invocations (other --only selections) are kept unless re-measured now; each row remembers the
