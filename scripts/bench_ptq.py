@@ -5,6 +5,8 @@ Protocol (issue #3): perplexity on the first --eval-tokens tokens of WikiText-2 
 bos prepended once; calibration --calib-samples x --seq-len tokens sampled (seeded) from WikiText-2 valid.
 
     python scripts/bench_ptq.py --model .cache/smollm2-135m            # writes docs/PTQ.md, docs/ptq/*.json|png
+    python scripts/bench_ptq.py --model .cache/smollm2-135m --only VQ2 # one row; the others are kept
+    python scripts/bench_ptq.py --report-only                           # rebuild docs/PTQ.md from docs/ptq/results.json
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ DEFAULT_CONFIGS = [  # in priority order: results are written after every row, s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=".cache/smollm2-135m")
     ap.add_argument("--calib", default=str(ASSETS / "wikitext-2" / "valid.txt"))
     ap.add_argument("--eval", default=str(ASSETS / "wikitext-2-raw" / "wiki.test.raw"))
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -56,7 +58,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only configs whose name contains one of these strings")
     ap.add_argument("--out", default=str(REPO / "docs"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild docs/PTQ.md and the plot from results.json")
     a = ap.parse_args(argv)
+    if a.report_only:
+        out = Path(a.out)
+        ref_path = out / "ptq" / "llmcompressor.json"
+        write_report(out, json.loads((out / "ptq" / "results.json").read_text()),
+                     json.loads(ref_path.read_text()) if ref_path.is_file() else None)
+        return 0
 
     from qat.config import QuantSpec
     from qat.data.text import pack_windows, sample_windows, tokenize_file
@@ -119,13 +128,17 @@ def write_report(out: Path, results: dict, ref: dict | None) -> None:
     env, rows = results["env"], results["rows"]
     fp = rows[0]["perplexity"]
     lines = [
-        "# PTQ baselines (RTN, GPTQ) on the default model",
+        "# PTQ starting points on the default model: RTN, GPTQ and the seed formats",
         "",
         ("Measured by `scripts/bench_ptq.py` (the commands are listed under the table) with torch "
         f"{env['torch']}."),
         (f"Perplexity on the first {env['protocol']['eval_tokens']} tokens of {env['protocol']['eval']} "
         f"(windows of {env['protocol']['seq_len']}, bos once); calibration {env['protocol']['calib_samples']} x "
         f"{env['protocol']['seq_len']} tokens sampled from {env['protocol']['calib']} (seed {env['protocol']['seed']})."),
+        ("Bits/weight are the stored bits of the quantized linears with all metadata (scales, zeros, (alpha, mu) pairs, "
+         "affine maps, rotation signs). PTQ times were taken while other benchmark runs shared the CPU: upper bounds. "
+         "For W(1+1) and VQ, 'GPTQ' is the format's Hessian-aware initializer run inside GPTQ's block-sequential "
+         "loop (EM grouping, BlockLDLQ)."),
         "",
         "| config | perplexity | x FP | bits/weight (with scales, zeros) | PTQ time (s) |",
         "| --- | ---: | ---: | ---: | ---: |",
