@@ -124,7 +124,7 @@ class PackedLinear(nn.Module):
         act = self.spec.act
         if self.use_dispatch and self.act_quantizer is not None and act.mode == "uniform":
             # the kernel quantizes x per token itself (integer GEMM), with the learned clip factors as plain floats:
-            # read once here, not per call (a device->host copy each)
+            # read once here, not per call (a device->host copy each); call prepare() again after replacing buffers
             self.fused_act = {"act_bits": act.bits, "act_sym": act.sym,
                               "act_clip_hi": float(self.act_quantizer.clip_hi),
                               "act_clip_lo": float(self.act_quantizer.clip_lo)}
