@@ -12,8 +12,9 @@ eval block; training/calibration windows sampled (seeded) from WikiText-2 valid.
 
 Budgets (a CPU-sized cut of the recipes; `full` runs the recipes as written):
     tiny    calib 16, stage-1 16 windows x 4 steps/block (batch 2), stage-2 2 steps (batch 1)   smoke test
-    small   calib 32, stage-1 32 windows x 12 steps/block (batch 2), stage-2 8 steps (batch 2)   ~15 min/run on 1 CPU
-    medium  calib 64, stage-1 64 windows x 48 steps/block (batch 4), stage-2 48 steps (batch 2)
+    small   calib 32, stage-1 32 windows x 12 steps/block (batch 2), stage-2 8 steps (batch 2)   10-27 min/run, 1 thread
+    medium  calib 64, stage-1 64 windows x 48 steps/block (batch 4), stage-2 48 steps (batch 2)  ~45 min/run, 1 thread
+(measured with up to four runs sharing a 2-core CPU; see docs/DISTILL_RESULTS.md)
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def _findings(results: list[dict]) -> list[str]:
     out = []
     for group, title in (("loss", "stage-1 loss / init (W2g64, stage 1 only)"), ("cbq", "CBQ window"),
                          ("acbq", "ACBQ units")):
-        rows = [(r.get("key", r["name"]), [h["val_ppl"] for h in r["history"] if "val_ppl" in h][-1]) for r in results
+        rows = [(r["key"], [h["val_ppl"] for h in r["history"] if "val_ppl" in h][-1]) for r in results
                 if r["group"] == group and not r.get("rc")]
         if len(rows) > 1:
             rows.sort(key=lambda x: x[1])
@@ -242,13 +243,15 @@ def _findings(results: list[dict]) -> list[str]:
         if r["group"] == "main" and not r.get("rc"):
             ppl = [h["val_ppl"] for h in r["history"] if "val_ppl" in h]
             mono = all(b < a for a, b in itertools.pairwise(ppl))
-            out.append(f"* {r.get('key', r['name'])}: " + " -> ".join(f"{v:,.1f}" for v in ppl) +
+            out.append(f"* {r['key']}: " + " -> ".join(f"{v:,.1f}" for v in ppl) +
                        (" (every stage lowers perplexity)" if mono else " (NOT monotone)"))
     return out
 
 
 def report(out_dir: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.name != "_fp.json"]
+    for r in results:
+        r.setdefault("key", result_key(r["name"], r["budget"]))
     order = {e[0]: i for i, e in enumerate(EXPERIMENTS)}
     budgets = list(BUDGETS)
     results.sort(key=lambda r: (order.get(r["name"], 999), budgets.index(r["budget"])))
@@ -277,8 +280,9 @@ def report(out_dir: Path) -> None:
           f"{b['s3_steps'] * b['s1_bs'] * 512:,} ({b['s3_steps']} x {b['s1_bs']}) |"
           for k, b in BUDGETS.items() if b and any(r["budget"] == k for r in results)),
         "",
-        "The PTQ column is the student each run started from (its own calibration count; GPTQ at 2 bits swings by "
-        "2-3x with the calibration draw, see docs/PTQ.md for the 64-window reference rows).",
+        "The PTQ column is the student each run started from (its own calibration count and window draw; at 2 bits "
+        "GPTQ is sensitive to both: act-order W2g64 with 64 windows measured 2,272 in docs/PTQ.md and 3,112 here, "
+        "with 32 windows 4,195).",
         "",
         ("| experiment | what | budget | bits/weight | PTQ | after stage 1 | after stage 2 | after stage 3 | "
          "wall (distill) |"),
@@ -286,7 +290,7 @@ def report(out_dir: Path) -> None:
     ]
     for r in results:
         if r.get("rc"):
-            lines.append(f"| {r.get('key', r['name'])} | {r['what']} | {r['budget']} | | failed (rc {r['rc']}) | | | | "
+            lines.append(f"| {r['key']} | {r['what']} | {r['budget']} | | failed (rc {r['rc']}) | | | | "
                          f"{r['seconds']:.0f} s |")
             continue
         hs = [h for h in r["history"] if "val_ppl" in h]
@@ -294,7 +298,7 @@ def report(out_dir: Path) -> None:
         st = [h["val_ppl"] for h in hs if h["kind"] != "ptq"] + [None] * 3
         bpw = r.get("bits_per_weight")
         mark = " †" if r.get("restored_from") else ""
-        lines.append(f"| {r.get('key', r['name'])}{mark} | {r['what']} | {r['budget']} | {'' if bpw is None else f'{bpw:.3f}'} | "
+        lines.append(f"| {r['key']}{mark} | {r['what']} | {r['budget']} | {'' if bpw is None else f'{bpw:.3f}'} | "
                      f"{fmt(ptq)} | {fmt(st[0])} | {fmt(st[1])} | {fmt(st[2])} | {r['seconds']:.0f} s |")
     if any(r.get("restored_from") for r in results):
         lines += ["", "† measured in an earlier session; its stored JSON was lost with that session's scratch directory and "
@@ -307,7 +311,7 @@ def report(out_dir: Path) -> None:
             seen_ptq.add(r["ptq_command"])
             lines += [f"PTQ student `{r['ptq']}` ({r['ptq_seconds']:.0f} s):", "", "```", r["ptq_command"], "```", ""]
     for r in results:
-        lines += [f"`{r.get('key', r['name'])}` ({r['date']}, {r['threads']} thread(s), {r['seconds']:.0f} s):", "", "```",
+        lines += [f"`{r['key']}` ({r['date']}, {r['threads']} thread(s), {r['seconds']:.0f} s):", "", "```",
                   r["command"], "```", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines).replace(str(REPO) + "/", "") + "\n"  # no machine paths in the docs
@@ -343,7 +347,7 @@ def plot(results: list[dict], fp: dict, path: Path) -> None:
     if fp:
         ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label=f"FP {fp['perplexity']:.1f}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(ok)), [r.get("key", r["name"]) for r in ok], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(ok)), [r["key"] for r in ok], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("WikiText-2 perplexity (16k tokens)")
     ax.set_title("SmolLM2-135M distillation on CPU (budget in the name: @medium; no suffix = small)")
     ax.legend(fontsize=8)

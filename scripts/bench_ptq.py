@@ -33,8 +33,7 @@ DEFAULT_CONFIGS = [  # in priority order: results are written after every row, s
     ("GPTQ VQ2", "gptq", {"format": "vq"}, {}),
     ("GPTQ W(1+1)g64A4", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4}),
     ("RTN W4g64A4", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4}),
-    # the same two with a random block-Hadamard in front of every linear (QuaRot-style; spreads the outlier channels
-    # that make per-token 4-bit activations so lossy)
+    # the same two with a random block-Hadamard in front of every linear (QuaRot-style, `--act-hadamard`)
     ("GPTQ W(1+1)g64A4 hadamard", "gptq", {"format": "binary11", "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
     ("RTN W4g64A4 hadamard", "rtn", {"bits": 4, "group_size": 64}, {}, {"bits": 4, "hadamard": True}),
     ("RTN W2g64", "rtn", {"bits": 2, "group_size": 64}, {}),

@@ -137,7 +137,6 @@ def test_cli_ptq_keeps_an_existing_output_without_overwrite(tmp_path, assets_dir
     shutil.rmtree(out)
 
 
-
 def test_shared_gram_matrices_equal_per_module_statistics():
     """q/k/v share one Gram computation per batch; the statistics must equal a per-module float64 accumulation."""
     from qat.models import capture_block_inputs, get_adapter, run_block
