@@ -363,7 +363,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny random model, every code path, seconds (CI)")
     ap.add_argument("--out", default=None, help="--quick: where to write (default: a temporary directory)")
+    ap.add_argument("--eval-dir", default=None, help="only evaluate this model directory on both domains (JSON line)")
     a = ap.parse_args(argv)
+    if a.eval_dir:
+        print(json.dumps({"model": a.eval_dir, **evaluate(Path(a.eval_dir), a.eval_tokens)}))
+        return 0
     if a.quick:
         import tempfile
 
