@@ -135,3 +135,32 @@ def test_bad_rounding_options_fail_before_work(tiny_dir, tmp_path, stage, quant,
     with pytest.raises(RecipeError, match=match), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recipe_for(tiny_dir, tmp_path / "s", "--stages", json.dumps([s]), "--quant.act.bits", "16", *extra)
+
+
+# ---- the mixed data pool (teacher samples beside corpus windows) ---------------------------------------------------
+
+def test_interleave_keeps_every_prefix_mixed():
+    from qat.distill.data import interleave
+
+    a, b = torch.zeros(6, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)
+    out = interleave(a, b)[:, 0].tolist()
+    assert out == [0, 0, 1, 0, 0, 0, 1, 0]  # b at 1/4 and 3/4 of the pool, after a's rows at the same place
+    assert torch.equal(interleave(a, b), interleave(a, b))
+
+
+def test_mixed_pool_holds_corpus_and_teacher_windows(tiny_dir, tmp_path):  # noqa: F811
+    from qat.distill.data import corpus_windows, teacher_windows, training_pool
+    from qat.distill.recipe import DataSpec
+    from qat.models.loading import load_fp_model, load_tokenizer
+
+    teacher, tok = load_fp_model(tiny_dir / "model"), load_tokenizer(tiny_dir / "model")
+    spec = DataSpec(source="mixed", teacher_fraction=0.25, train_file=str(tiny_dir / "train.txt"), seq_len=24,
+                    num_samples=8, prompt_len=4, gen_batch_size=4)
+    pool = training_pool(spec, teacher, tok, tiny_dir / "model", 0, tmp_path, progress=False)
+    corpus = corpus_windows(spec, tok, 6, 24, 0)
+    gen = teacher_windows(DataSpec(**{**spec.__dict__, "num_samples": 2}), teacher, tok, tiny_dir / "model", 0,
+                          tmp_path, progress=False)
+    assert pool.shape == (8, 24)
+    assert torch.equal(pool[[0, 1, 3, 4, 5, 7]], corpus) and torch.equal(pool[[2, 6]], gen)
+    with pytest.raises(RecipeError, match="teacher_fraction must be in"):
+        recipe_for(tiny_dir, tmp_path / "s", "--data.source", "mixed", "--data.teacher_fraction", "1.0")

@@ -28,7 +28,7 @@ ACT_OBJECTIVES = ("blockwise", "e2e")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
-DATA_SOURCES = ("text", "teacher")
+DATA_SOURCES = ("text", "teacher", "mixed")
 ROUNDING_METHODS = ("none", "signround")
 PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
 DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
@@ -101,10 +101,13 @@ class DataSpec:
     source       text: `num_samples` windows of `seq_len` tokens at seeded random offsets of `train_file`
                  teacher: `num_samples` sequences sampled from the teacher (BitDistiller-style), prompted with the
                  first `prompt_len` tokens of a train_file window (or the bos token alone), cached on disk
+                 mixed: both, `teacher_fraction` of the windows from the teacher, interleaved so that every prefix of
+                 the pool (a block-wise stage's `samples`, the PTQ calibration set) holds the same mix
     cache_dir    where teacher samples are cached (default: <run_dir>/data)
     """
 
     source: str = "text"
+    teacher_fraction: float = 0.5
     train_file: str | None = None
     seq_len: int = 512
     num_samples: int = 128
@@ -396,11 +399,13 @@ class Recipe:
         d = self.data
         if d.source not in DATA_SOURCES:
             raise RecipeError(f"unknown data source {d.source!r}; supported: {', '.join(DATA_SOURCES)}")
-        if d.source == "text" and not d.train_file:
-            raise RecipeError("data.source text needs data.train_file")
+        if d.source in ("text", "mixed") and not d.train_file:
+            raise RecipeError(f"data.source {d.source} needs data.train_file")
+        if d.source == "mixed" and not 0 < d.teacher_fraction < 1:
+            raise RecipeError(f"data.teacher_fraction must be in (0, 1), got {d.teacher_fraction}")
         if d.seq_len < 2 or d.num_samples < 1:
             raise RecipeError("data needs seq_len >= 2 and num_samples >= 1")
-        if d.source == "teacher" and not 0 <= d.prompt_len < d.seq_len:
+        if d.source in ("teacher", "mixed") and not 0 <= d.prompt_len < d.seq_len:
             raise RecipeError(f"data.prompt_len must be in [0, seq_len), got {d.prompt_len}")
         if self.eval.max_tokens < self.eval.seq_len:
             raise RecipeError(f"eval.max_tokens {self.eval.max_tokens} is less than one window of {self.eval.seq_len}")
