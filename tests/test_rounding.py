@@ -13,7 +13,7 @@ from test_distill import KillAt, recipe_for, run, tiny_dir  # noqa: F401  (modul
 
 from qat.config import QuantSpec
 from qat.distill.recipe import RecipeError, RoundingSpec
-from qat.distill.rounding import SignRound
+from qat.distill.rounding import AdaRound, SignRound
 from qat.nn import QuantLinear, quant_linears
 
 
@@ -79,6 +79,33 @@ def test_bake_reproduces_the_trained_forward_and_its_packing(bits, sym):
     assert (q != codes_before).any()  # the rounding moved
 
 
+def test_adaround_starts_at_the_fp_weight_and_bakes_its_hard_rounding():
+    lin = _layer()
+    w = lin.weight.detach().clone()
+    ar = AdaRound({"lin": lin}, RoundingSpec(method="adaround", lr=0.05), total_steps=10).attach()
+    layer = ar.layers["lin"]
+    s, z = (t.unsqueeze(-1) for t in lin.weight_quantizer.scale_zero(lin.weight))
+    soft = lin.weight_quantizer(lin.weight).detach().reshape(16, 2, 32)
+    inside = (w.reshape(16, 2, 32) / s + z > 0.5) & (w.reshape(16, 2, 32) / s + z < lin.weight_quantizer.qmax - 0.5)
+    # h(V) = frac(w / s): the soft weight is the FP weight wherever the grid does not clip it
+    assert torch.allclose(soft[inside], w.reshape(16, 2, 32)[inside], atol=1e-4 * float(s.max()))
+    assert ar.regularizer(0.1) is None and ar.regularizer(0.5) > 0  # no regulariser in the warm-up
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    for _ in range(10):
+        loss = lin(x).pow(2).mean() + ar.regularizer(0.5)
+        loss.backward()
+        ar.step()
+        for p in ar.parameters():
+            p.grad = None
+    up = (layer.V >= 0).float()
+    ar.finish()
+    expected = torch.clamp(torch.floor(w.reshape(16, 2, 32) / s) + up + z, 0, 3)
+    got = lin.weight_quantizer._codes(lin.weight, *lin.weight_quantizer.scale_zero(lin.weight))
+    assert torch.equal(got, expected)
+    assert torch.equal(lin.weight_quantizer.unpack(lin.weight_quantizer.pack(lin.weight)),
+                       lin.weight_quantizer(lin.weight).detach())
+
+
 def test_stage_with_rounding_flips_codes_lowers_loss_and_bakes(tiny_dir, tmp_path):  # noqa: F811
     out = tmp_path / "student"
     stages = json.dumps([{"kind": "blockwise", "name": "signround", "steps": 8, "batch_size": 4,
@@ -104,10 +131,11 @@ def test_stage_with_rounding_flips_codes_lowers_loss_and_bakes(tiny_dir, tmp_pat
     assert flipped > 0
 
 
-def test_rounding_window_resumes_bit_exactly(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("rounding", [{"method": "signround", "best": False}, {"method": "adaround", "lr": 0.1}])
+def test_rounding_window_resumes_bit_exactly(tiny_dir, tmp_path, rounding):  # noqa: F811
     # best: false, so the final rounding is the last step's and depends on every step's restored state
-    stages = json.dumps([{"kind": "blockwise", "name": "signround", "steps": 4, "batch_size": 4,
-                          "rounding": {"method": "signround", "best": False}},
+    stages = json.dumps([{"kind": "blockwise", "name": "rounding", "steps": 4, "batch_size": 4,
+                          "rounding": rounding},
                          {"kind": "e2e", "name": "e2e", "steps": 2, "train": ["wq.scale"], "freeze_codes": True}])
     args = ("--stages", stages, "--quant.act.bits", "16", "--checkpoint_every", "3")
     ref = run(recipe_for(tiny_dir, tmp_path / "ref", *args))
@@ -124,7 +152,7 @@ def test_rounding_window_resumes_bit_exactly(tiny_dir, tmp_path):  # noqa: F811
 @pytest.mark.parametrize("stage, quant, match", [
     ({"rounding": {"method": "signround"}, "train": ["wq"]}, None, "remove 'wq' from train"),
     ({"rounding": {"method": "signround"}, "freeze_codes": True}, None, "cannot run with freeze_codes"),
-    ({"rounding": {"method": "adaround"}}, None, "unknown rounding method 'adaround'"),
+    ({"rounding": {"method": "flexround"}}, None, "unknown rounding method 'flexround'"),
     ({"kind": "e2e", "rounding": {"method": "signround"}}, None, "rounding is a block-wise option"),
     ({"rounding": {"method": "signround", "range": 0}}, None, "range > 0"),
     ({"rounding": {"method": "signround"}}, '{weight: {format: binary11, group_size: 32}}', "needs the uniform format"),

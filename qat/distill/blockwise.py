@@ -222,9 +222,13 @@ class BlockwiseStage(Stage):
                 h = self.run_unit(self.blocks_s, u, h)
                 loss = loss + self.omega * block_loss(h, self.T[u + 1].get(idx, dev), lo.kind, lo.sink_weight,
                                                       lo.cosine_weight)
-        pol = self.polarization(self.bitmaps, self.step_in_window / max(self.steps_per_window - 1, 1))
+        frac = self.step_in_window / max(self.steps_per_window - 1, 1)
+        pol = self.polarization(self.bitmaps, frac)
         if pol is not None:
             loss = loss + pol
+        reg = self.rounding.regularizer(frac) if self.rounding is not None else None
+        if reg is not None:  # AdaRound's push of the soft rounding to 0/1
+            loss = loss + reg
         value = self.optimize(loss)
         self.step_in_window += 1
         self.step += 1

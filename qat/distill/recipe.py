@@ -29,7 +29,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
 DATA_SOURCES = ("text", "teacher", "mixed")
-ROUNDING_METHODS = ("none", "signround")
+ROUNDING_METHODS = ("none", "signround", "adaround")
 PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
 DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
 
@@ -198,10 +198,13 @@ class RoundingSpec:
     """Learned rounding of uniform weights in a block-wise stage (qat/distill/rounding.py).
 
     method     none | signround (AutoRound: offsets V in [-range, range] and clipping factors, signed gradient descent)
-    lr         signed-gradient step (None = 1 / steps per window: a parameter can move at most 1/2 over the window)
-    minmax     also learn the clipping range (min/max factors per group); minmax_lr (None = lr)
-    range      bound of the rounding offsets, in grid steps
-    best       keep the parameters of the window's lowest-loss step (AutoRound's "best mse")
+               | adaround (soft up/down rounding on the quantizer's grid, Adam, regulariser to 0/1; hard at the end)
+    lr         signround: signed-gradient step (None = 1 / steps per window: a parameter moves at most 1/2 over the
+               window); adaround: Adam's lr (None = 1e-3)
+    minmax     signround: also learn the clipping range (min/max factors per group); minmax_lr (None = lr)
+    range      signround: bound of the rounding offsets, in grid steps
+    best       signround: keep the parameters of the window's lowest-loss step (AutoRound's "best mse")
+    reg_weight adaround: weight of the rounding regulariser
     """
 
     method: str = "none"
@@ -210,6 +213,7 @@ class RoundingSpec:
     minmax_lr: float | None = None
     range: float = 0.5
     best: bool = True
+    reg_weight: float = 0.01
 
     @property
     def enabled(self) -> bool:
@@ -286,8 +290,8 @@ class StageSpec:
                 raise RecipeError(f"{w}: rounding owns the scales and zero points while a window trains (it learns "
                                   "the clipping range); remove 'wq' from train")
             if not r.range > 0 or (r.lr is not None and not r.lr > 0) or (r.minmax_lr is not None and
-                                                                            not r.minmax_lr > 0):
-                raise RecipeError(f"{w}: rounding needs range > 0 and positive learning rates")
+                                                                            not r.minmax_lr > 0) or r.reg_weight < 0:
+                raise RecipeError(f"{w}: rounding needs range > 0, positive learning rates and reg_weight >= 0")
         if self.kind == "act" and self.objective not in ACT_OBJECTIVES:
             raise RecipeError(f"{w}: unknown act objective {self.objective!r}; supported: {', '.join(ACT_OBJECTIVES)}")
         block_objective = self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")

@@ -22,7 +22,16 @@ rounding may not also train `wq`). When the window ends, bake() writes s into th
 point and s * (q - z) into the latent weight: the quantizer's ordinary forward (and pack()) then reproduce the trained
 model bit for bit, and the next window and stage see exactly what will be exported.
 
-Resume: V, the clipping factors, the best copies and the step count go into the stage's checkpoint state.
+`method: adaround` is the alternative the comparison in docs/RESULTS.md measured against it (AdaRound, Nagel et al.,
+arXiv 2004.10568): the grid stays the quantizer's (s, z) and every weight rounds down or up by a soft variable,
+
+    q = clamp(floor(w / s) + h(V) + z, 0, qmax),   h(V) = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1)
+
+initialised at the weight's fractional position (so training starts at the FP weight), trained with Adam, plus
+lambda * mean(1 - |2h - 1|^beta) (beta annealed 20 -> 2 after the first 20% of the steps) pushing h to 0 or 1; the
+window ends with the hard rounding h >= 1/2.
+
+Resume: the learner's parameters, optimizer and schedule, and the best copies go into the stage's checkpoint state.
 """
 from __future__ import annotations
 
@@ -55,8 +64,10 @@ def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.to(torch.float16).to(x.dtype) - x).detach()
 
 
-class _LayerRounding(nn.Module):
-    """The trainable rounding state of one quantized linear."""
+class _SignRoundLayer(nn.Module):
+    """SignRound's trainable state of one quantized linear: rounding offsets and clipping factors."""
+
+    hard = True
 
     def __init__(self, q: nn.Module, minmax: bool):
         super().__init__()
@@ -102,31 +113,76 @@ class _LayerRounding(nn.Module):
             self.max_scale.clamp_(0.0, 1.0)
 
 
-class SignRound:
-    """Learned rounding + clipping of the uniform quantizers of `modules` (one block-wise window)."""
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+
+
+class _AdaRoundLayer(nn.Module):
+    """AdaRound's trainable state of one quantized linear: a rounding variable per weight on the quantizer's grid."""
+
+    def __init__(self, q: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.q = [q]
+        with torch.no_grad():
+            s, z = q.scale_zero(weight)
+            self.register_buffer("s", s.detach().clone())
+            self.register_buffer("z", z.detach().clone())
+            frac = self._scaled(weight) - torch.floor(self._scaled(weight))
+            p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.V = nn.Parameter(torch.log(p) - torch.log1p(-p))  # h(V) == frac: training starts at the FP weight
+        self.hard = False
+
+    def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
+        q = self.q[0]
+        return weight.detach().float().reshape(q.out_features, q.n_groups, q.group_size) / self.s.unsqueeze(-1)
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.V) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+    def quantize(self, weight: torch.Tensor):
+        q = self.q[0]
+        up = (self.V >= 0).float() if self.hard else self.h()  # h(V) >= 1/2  <=>  V >= 0
+        codes = torch.clamp(torch.floor(self._scaled(weight)) + up + self.z.unsqueeze(-1), 0, q.qmax)
+        w_hat = ((codes - self.z.unsqueeze(-1)) * self.s.unsqueeze(-1)).reshape(q.out_features, q.in_features)
+        return w_hat, self.s, self.z, codes
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).mean()
+
+    def clamp_(self, rng: float) -> None:
+        pass
+
+
+class RoundingLearner:
+    """Learned rounding of the uniform quantizers of `modules` (one block-wise window): hooks their forward, owns the
+    rounding parameters and their optimizer, keeps the best step, and bakes the result into the student."""
+
+    method = ""
+    keeps_best = True  # `best` applies (the loss of a step is the loss of the model that would be baked)
 
     def __init__(self, modules: dict[str, QuantLinear], spec, total_steps: int):
         bad = [n for n, m in modules.items() if not supports_frozen_codes(m.weight_quantizer)]
         if bad:
-            raise ValueError(f"rounding signround needs uniform weight quantizers with free scale/zero (not binary11, "
-                             f"vq or lwc); {bad[0]} has {modules[bad[0]].weight_quantizer.extra_repr()}")
+            raise ValueError(f"rounding {self.method} needs uniform weight quantizers with free scale/zero (not "
+                             f"binary11, vq or lwc); {bad[0]} has {modules[bad[0]].weight_quantizer.extra_repr()}")
         self.modules, self.spec, self.total_steps = modules, spec, max(int(total_steps), 1)
-        self.layers = {n: _LayerRounding(m.weight_quantizer, spec.minmax) for n, m in modules.items()}
-        lr = spec.lr if spec.lr is not None else 1.0 / self.total_steps
-        groups = [{"params": [L.V for L in self.layers.values()], "lr": lr}]
-        if spec.minmax:
-            mlr = spec.minmax_lr if spec.minmax_lr is not None else lr
-            groups.append({"params": [p for L in self.layers.values() for p in (L.min_scale, L.max_scale)],
-                           "lr": mlr})
-        self.opt = SignSGD(groups, lr=lr)
-        # AutoRound's schedule: linear decay from lr to 0 over the window
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: max(0.0, 1.0 - t / self.total_steps))
         self.best_loss = float("inf")
         self.best: dict[str, torch.Tensor] | None = None
         self._handles: list = []
+        self.layers = self.make_layers()
+        self.opt, self.sched = self.make_optimizer()
+
+    def make_layers(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def make_optimizer(self):
+        raise NotImplementedError
+
+    def regularizer(self, frac: float) -> torch.Tensor | None:
+        """A term the stage adds to its loss at `frac` (0..1) of the window; None when the method has none."""
+        return None
 
     # ---- wiring ---------------------------------------------------------------------------------------------------
-    def attach(self, state: dict | None = None) -> SignRound:
+    def attach(self, state: dict | None = None) -> RoundingLearner:
         for name, m in self.modules.items():
             layer = self.layers[name]
 
@@ -145,7 +201,7 @@ class SignRound:
     def observe(self, loss: float, extra: list[nn.Parameter] = ()) -> None:
         """Before the step: remember the current parameters (and the stage's other trained `extra` ones) if this step's
         loss is the lowest so far."""
-        if not self.spec.best or not loss < self.best_loss:
+        if not (self.spec.best and self.keeps_best) or not loss < self.best_loss:
             return
         self.best_loss = float(loss)
         self.best = {k: v.detach().clone() for k, v in self._named(extra).items()}
@@ -172,6 +228,8 @@ class SignRound:
             named = self._named(extra)
             for k, v in self.best.items():
                 named[k].copy_(v)
+        for layer in self.layers.values():
+            layer.hard = True  # AdaRound: the hard rounding is what gets baked (SignRound is always hard)
         self.bake()
         self.detach()
 
@@ -206,3 +264,47 @@ class SignRound:
         self.best_loss = float(s["best_loss"])
         dev = next(iter(named.values())).device
         self.best = None if s["best"] is None else {k: v.to(dev) for k, v in s["best"].items()}
+
+
+class SignRound(RoundingLearner):
+    method = "signround"
+
+    def make_layers(self):
+        return {n: _SignRoundLayer(m.weight_quantizer, self.spec.minmax) for n, m in self.modules.items()}
+
+    def make_optimizer(self):
+        lr = self.spec.lr if self.spec.lr is not None else 1.0 / self.total_steps
+        groups = [{"params": [L.V for L in self.layers.values()], "lr": lr}]
+        if self.spec.minmax:
+            mlr = self.spec.minmax_lr if self.spec.minmax_lr is not None else lr
+            groups.append({"params": [p for L in self.layers.values() for p in (L.min_scale, L.max_scale)],
+                           "lr": mlr})
+        opt = SignSGD(groups, lr=lr)
+        # AutoRound's schedule: linear decay from lr to 0 over the window
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / self.total_steps))
+
+
+class AdaRound(RoundingLearner):
+    method = "adaround"
+    keeps_best = False  # its training forward is soft: a step's loss is not the hard-rounded model's
+    WARMUP = 0.2  # fraction of the window without the regulariser (AdaRound's schedule)
+    BETA = (20.0, 2.0)
+
+    def make_layers(self):
+        return {n: _AdaRoundLayer(m.weight_quantizer, m.weight) for n, m in self.modules.items()}
+
+    def make_optimizer(self):
+        opt = torch.optim.Adam([L.V for L in self.layers.values()],
+                               lr=self.spec.lr if self.spec.lr is not None else 1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+
+    def regularizer(self, frac: float) -> torch.Tensor | None:
+        if frac < self.WARMUP:
+            return None
+        t = (frac - self.WARMUP) / (1 - self.WARMUP)
+        beta = self.BETA[0] + (self.BETA[1] - self.BETA[0]) * t
+        reg = torch.stack([L.regularizer(beta) for L in self.layers.values()]).mean()
+        return self.spec.reg_weight * reg
+
+
+ROUNDING_LEARNERS = {c.method: c for c in (SignRound, AdaRound)}

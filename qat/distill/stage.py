@@ -171,11 +171,12 @@ class Stage:
         self.rounding = None
         if not self.spec.rounding.enabled:
             return
-        from qat.distill.rounding import SignRound
+        from qat.distill.rounding import ROUNDING_LEARNERS
         from qat.nn import quant_linears
 
         mods = {n: m for n, m in quant_linears(self.ctx.student).items() if any(n.startswith(p + ".") for p in prefixes)}
-        self.rounding = SignRound(mods, self.spec.rounding, total_steps).attach(state.get("rounding") if state else None)
+        learner = ROUNDING_LEARNERS[self.spec.rounding.method](mods, self.spec.rounding, total_steps)
+        self.rounding = learner.attach(state.get("rounding") if state else None)
 
     def finish_rounding(self) -> None:
         if self.rounding is not None:
