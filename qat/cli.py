@@ -28,7 +28,8 @@ def _expected_errors():
     from qat.config import QuantConfigError
     from qat.models import UnsupportedArchitectureError
 
-    return (CLIError, QuantConfigError, UnsupportedArchitectureError, FileNotFoundError, FileExistsError, ValueError)
+    # OSError: a path that cannot be used (missing, taken, under a file, no permission, disk full) is bad input too
+    return (CLIError, QuantConfigError, UnsupportedArchitectureError, OSError, ValueError)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
