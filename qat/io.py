@@ -8,8 +8,9 @@
 
 Rules (docs/RELIABILITY.md):
   - every qat output directory carries a marker file (MARKER) naming its kind; an existing directory is replaced only
-    with --overwrite AND only if it is a qat output of the same kind (or empty). A directory written by an older qat
-    without a marker counts as its kind when it holds only files that kind writes (legacy_kind).
+    with --overwrite AND only if it is a qat output of the same kind holding nothing but what that kind writes (or it is
+    empty). A directory written by an older qat without a marker counts as its kind when it holds only files that
+    kind writes (legacy_kind).
   - an output is never an input of the same command, never contains one and never lies inside one (resolved paths).
   - an output path under an existing file fails at once, not after the work.
   - concurrent writers: the lock is an flock on `.<name>.qat-lock` beside the output; the second writer fails with one
@@ -37,11 +38,13 @@ OUTPUT_KINDS = {
 }
 # what each kind writes, for directories written before markers existed (and to name foreign files in errors)
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
-                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model")
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
+                    "sentencepiece*.model")
 KIND_FILES = {
     "student": ("config.json", "generation_config.json", *_TOKENIZER_FILES, "qat_student.json", "student.safetensors",
                 "distill_summary.png", "distill_history.json"),
     "export": ("config.json", "generation_config.json", *_TOKENIZER_FILES, "model.safetensors"),
+    "converted-model": ("config.json", "generation_config.json", *_TOKENIZER_FILES, "model.safetensors"),
 }
 
 
@@ -213,6 +216,10 @@ class OutputClaim:
         if kind != self.kind:
             raise FileExistsError(f"{self.what} {self.given!r} holds {OUTPUT_KINDS[kind]}, not "
                                   f"{OUTPUT_KINDS[self.kind]}; not replacing it")
+        foreign = [n for n in entries if n != MARKER and not any(fnmatch.fnmatch(n, pat) for pat in KIND_FILES[kind])]
+        if foreign:
+            raise FileExistsError(f"{self.what} {self.given!r} is {OUTPUT_KINDS[kind]} but also holds "
+                                  f"{', '.join(foreign[:3])}, which qat did not write; not replacing it")
         if not self.overwrite:
             raise FileExistsError(f"{self.what} {self.given!r} already exists; pass --overwrite to replace it")
         return True

@@ -273,8 +273,9 @@ def test_6_convert_gguf_does_not_call_another_gguf_already_converted(tmp_path, c
     assert rc == 0 and "wrote" in stdout
     rc, err, stdout = cli(capsys, "convert-gguf", "--gguf", a, "--output", out)
     assert rc == 0 and "already converted from a.gguf" in stdout and len(stub_conversion) == 1
-    one_error(capsys, r"^qat convert-gguf: error: --output '.*m' already exists; pass --overwrite to replace it$",
-              "convert-gguf", "--gguf", b, "--output", out)
+    one_error(capsys, r"^qat convert-gguf: error: --output '.*m' holds a model converted from a\.gguf \(float32, "
+                      r"sha256 [0-9a-f]{12}\), not from b\.gguf \(float32, sha256 [0-9a-f]{12}\); pass --overwrite to "
+                      r"replace it$", "convert-gguf", "--gguf", b, "--output", out)
     assert (out / "model.safetensors").read_bytes() == a.read_bytes()
     rc, _, _ = cli(capsys, "convert-gguf", "--gguf", b, "--output", out, "--overwrite")
     assert rc == 0 and (out / "model.safetensors").read_bytes() == b.read_bytes()
@@ -342,6 +343,16 @@ def test_7_overwrite_never_replaces_another_kind_of_qat_output(world, tmp_path, 
               "ptq", "--model", world / "model", "--method", "rtn", "--bits", "2", "--group-size", "32",
               "--output", e, "--overwrite", "--device", "cpu")
     assert (e / "model.safetensors").is_file()
+
+
+def test_7_overwrite_never_deletes_files_added_to_a_qat_output(world, tmp_path, capsys):
+    s = copy(world / "student", tmp_path / "student")
+    (s / "my-notes.txt").write_text("what I learned from this run")
+    before = tree(s)
+    one_error(capsys, r"--output '.*student' is a student checkpoint .* but also holds my-notes\.txt, which qat did "
+                      r"not write; not replacing it", "ptq", "--model", world / "model", "--method", "rtn", "--bits",
+              "2", "--group-size", "32", "--output", s, "--overwrite", "--device", "cpu")
+    assert tree(s) == before
 
 
 # ---- 8. convert-gguf never replaces without --overwrite ------------------------------------------------------------
@@ -565,3 +576,54 @@ def test_load_quantized_device_cuda_without_cuda_is_one_line(world):
         load_quantized(world / "export", device="cuda")
     with pytest.raises(ValueError, match=r"is a qat student checkpoint; this needs a native qat export"):
         load_quantized(world / "student")
+
+
+# ---- the real model ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_eval_of_a_native_export_equals_eval_of_its_student(smollm2_dir, wikitext_test, tmp_path, capsys):
+    """The default model: RTN W4g64 student -> native exports in float32 and in the default float16. `qat eval` (the
+    README protocol: 16,384 tokens of WikiText-2 raw test in windows of 512) on the float32 export equals it on the
+    student to 1e-4 relative; the float16 export rounds the FP tensors (embeddings, norms), measured and bounded."""
+    s = tmp_path / "student"
+    rc, err, _ = cli(capsys, "ptq", "--model", smollm2_dir, "--method", "rtn", "--bits", "4", "--group-size", "64",
+                     "--output", s, "--device", "cpu")
+    assert rc == 0, err
+    for name, dtype in (("e32", "float32"), ("e16", "float16")):
+        rc, err, _ = cli(capsys, "export", "--student", s, "--output", tmp_path / name, "--dtype", dtype)
+        assert rc == 0, err
+    res = {}
+    for name in ("student", "e32", "e16"):
+        rc, err, out = cli(capsys, "eval", "--model", tmp_path / name, "--data", wikitext_test, "--seq-len", "512",
+                           "--max-tokens", "16384", "--json", "--device", "cpu")
+        assert rc == 0, err
+        res[name] = json.loads(out.strip().splitlines()[-1])
+    ppl = {k: v["perplexity"] for k, v in res.items()}
+    print(f"\nsmollm2 W4g64 RTN, qat eval: student {ppl['student']:.6f}, float32 export {ppl['e32']:.6f} (rel "
+          f"{abs(ppl['e32'] / ppl['student'] - 1):.2e}), float16 export {ppl['e16']:.6f} (rel "
+          f"{abs(ppl['e16'] / ppl['student'] - 1):.2e}); bits/weight {res['student']['bits_per_weight']:.4f} / "
+          f"{res['e32']['bits_per_weight']:.4f}")
+    assert ppl["e32"] == pytest.approx(ppl["student"], rel=1e-4)
+    assert ppl["e16"] == pytest.approx(ppl["student"], rel=1e-2)
+    assert res["e32"]["bits_per_weight"] == res["student"]["bits_per_weight"] == pytest.approx(4.375)
+
+
+@pytest.mark.slow
+def test_convert_gguf_of_the_real_model_knows_its_source(tmp_path, capsys):
+    from qat.models.convert_gguf import bundled_gguf
+
+    out = tmp_path / "m"
+    rc, err, stdout = cli(capsys, "convert-gguf", "--output", out)
+    assert rc == 0 and "wrote" in stdout, err
+    before = tree(out)
+    rc, err, stdout = cli(capsys, "convert-gguf", "--output", out)
+    assert rc == 0 and "already converted from SmolLM2-135M-Instruct.Q4_1.gguf (float32)" in stdout
+    other = tmp_path / "other.gguf"
+    data = bytearray(bundled_gguf().read_bytes())
+    data[-100] ^= 0xFF  # the same layout, other weights
+    other.write_bytes(bytes(data))
+    one_error(capsys, r"holds a model converted from SmolLM2-135M-Instruct\.Q4_1\.gguf \(float32, sha256 .*\), not "
+                      r"from other\.gguf \(float32", "convert-gguf", "--gguf", other, "--output", out)
+    one_error(capsys, r"not from SmolLM2-135M-Instruct\.Q4_1\.gguf \(float16", "convert-gguf", "--output", out,
+              "--dtype", "float16")
+    assert tree(out) == before

@@ -40,7 +40,8 @@ class CheckpointFiles:
         return self.dirpath / f".{LAST}.{os.getpid()}.tmp"
 
     def remove_stale_temporaries(self) -> None:
-        for q in self.dirpath.glob(f".{LAST}.*.tmp"):
+        """What a writer killed mid-commit left (only this class writes `.*.tmp` here)."""
+        for q in self.dirpath.glob(".*.tmp"):
             q.unlink(missing_ok=True)
 
     def commit(self, tmp: Path, info: dict) -> None:
@@ -56,8 +57,11 @@ class CheckpointFiles:
         if self.last.exists() and not self.last_is_bad:
             link = self.dirpath / f".{PREV}.{os.getpid()}.tmp"
             link.unlink(missing_ok=True)
-            os.link(self.last, link)  # prev := the current last (same inode), then swap it in atomically
-            os.replace(link, self.prev)
+            try:
+                os.link(self.last, link)  # prev := the current last (same inode), then swap it in atomically
+                os.replace(link, self.prev)
+            except OSError:  # a filesystem without hard links: a kill before the next rename leaves prev.ckpt only,
+                os.replace(self.last, self.prev)  # which the resume lookup falls back to
         os.replace(tmp, self.last)
         self.last_is_bad = False
         info_tmp = self.dirpath / ".last.json.tmp"

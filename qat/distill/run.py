@@ -26,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-
 from qat.config import QuantSpec
 from qat.distill.recipe import Recipe, RecipeError
 from qat.distill.stage import DistillContext, NonFiniteLossError  # noqa: F401  (re-exported for callers)
@@ -153,7 +152,7 @@ def resume_differences(stored_recipe: dict, recipe: Recipe, stored_inputs: dict 
         for key in sorted(set(stored_inputs) | set(inputs)):
             a, b = stored_inputs.get(key), inputs.get(key)
             if (a or {}).get("sha256") != (b or {}).get("sha256"):
-                what = "absent" if a is None else "removed" if b is None else "content differs"
+                what = "added" if a is None else "removed" if b is None else "content differs"
                 changed.append(f"{key} ({what}: {(b or a)['path']!r})")
     return changed
 

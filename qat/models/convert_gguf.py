@@ -74,13 +74,14 @@ def write_hf_dir(src: Path, out: Path, dtype: str) -> None:
     tok.save_pretrained(str(out))
 
 
-def already_converted(out: Path, info: dict) -> bool:
-    """`out` is a converted model from the same GGUF bytes and dtype (its marker says so)."""
+def converted_from(out: Path) -> dict | None:
+    """The source recorded in a converted model's marker (None: not a converted model)."""
     from qat.io import read_marker
 
     marker = read_marker(out) if out.is_dir() else None
-    return bool(marker and marker["kind"] == "converted-model" and marker.get("source") == info
-                and (out / "model.safetensors").is_file())
+    if marker and marker["kind"] == "converted-model" and (out / "model.safetensors").is_file():
+        return marker.get("source") or {}
+    return None
 
 
 def convert(out_dir, gguf: str | None = None, dtype: str = "float32", overwrite: bool = False) -> Path:
@@ -122,9 +123,15 @@ def _run(args) -> int:
     src = Path(args.gguf) if args.gguf else bundled_gguf()
     if not src.is_file():
         raise FileNotFoundError(f"GGUF file {str(src)!r} not found")
-    if not args.overwrite and out.is_dir() and already_converted(out, source_info(src, args.dtype)):
-        print(f"{out} already converted from {src.name} ({args.dtype}); pass --overwrite to redo")
-        return 0
+    old = None if args.overwrite else converted_from(out)
+    if old is not None:
+        new = source_info(src, args.dtype)
+        if old == new:
+            print(f"{out} already converted from {src.name} ({args.dtype}); pass --overwrite to redo")
+            return 0
+        raise FileExistsError(f"--output {str(out)!r} holds a model converted from {old.get('gguf')} "
+                              f"({old.get('dtype')}, sha256 {str(old.get('sha256'))[:12]}), not from {src.name} "
+                              f"({args.dtype}, sha256 {new['sha256'][:12]}); pass --overwrite to replace it")
     convert(out, str(src), args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

@@ -9,7 +9,7 @@ commands accept, chosen by what the directory holds, and every load checked.
 
 Every load checks that the weights cover the architecture exactly (no missing, unexpected or mis-shaped tensor; a
 truncated file is named) and, for students and exports, that the quant spec agrees with the tensors (see
-qat/export/verify.py). A problem is one ValueError / FileNotFoundError line naming the file and the tensor.
+qat/verify.py). A problem is one ValueError / FileNotFoundError line naming the file and the tensor.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def resolve_device(name: str | torch.device | None, what: str = "--device") -> t
         raise ValueError(f"{what} {name!r}: not a device (cpu, cuda, cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{what} {name}: CUDA is not available on this machine (use --device cpu)")
+            hint = f"{what} cpu" if what.startswith("--") else f"{what}='cpu'"
+            raise ValueError(f"{what} {name}: CUDA is not available on this machine (use {hint})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ("cpu", "meta"):
