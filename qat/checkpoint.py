@@ -110,7 +110,7 @@ def load_student(path, dtype: torch.dtype = torch.float32, device="cpu"):
     from qat.models import get_adapter
     from qat.models.loading import check_tensor_file, open_safetensors, read_config
     from qat.nn import quantize_model
-    from qat.verify import sign_buffers, verify_student
+    from qat.verify import fixed_buffers, verify_student
 
     path = Path(path)
     meta = read_student_meta(path)
@@ -144,7 +144,7 @@ def load_student(path, dtype: torch.dtype = torch.float32, device="cpu"):
     shared = {n for n, t in state.items() for m, u in state.items() if m != n and t.data_ptr() == u.data_ptr()}
     check_tensor_file(handle, wfile, state, optional=shared | {k for k in state if k.endswith("rotary_emb.inv_freq")},
                       describe=spec.describe())
-    fresh = sign_buffers(model)
+    fresh = fixed_buffers(model)
     load_model(model, str(wfile), strict=False)
     verify_student(model, spec, str(wfile), fresh)
     return model.to(device).eval(), meta

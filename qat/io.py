@@ -14,7 +14,8 @@ Rules (docs/RELIABILITY.md):
   - an output is never an input of the same command, never contains one and never lies inside one (resolved paths).
   - an output path under an existing file fails at once, not after the work.
   - concurrent writers: the lock is an flock on `.<name>.qat-lock` beside the output; the second writer fails with one
-    line naming the holder's pid. The kernel drops the lock when a process dies, so a kill never leaves it stuck.
+    line naming the holder's pid. The kernel drops the lock when a process dies, so a kill never leaves it stuck, and
+    the next claim puts back an output a killed writer had moved aside but not yet replaced.
 """
 from __future__ import annotations
 
@@ -182,8 +183,8 @@ class OutputClaim:
     def __enter__(self) -> OutputClaim:
         self.lock.acquire()
         try:
+            self._recover_from_a_killed_writer()
             self.existed = self._check_existing()
-            self._remove_stale_temporaries()
         except BaseException:
             self.lock.release()
             raise
@@ -224,11 +225,14 @@ class OutputClaim:
             raise FileExistsError(f"{self.what} {self.given!r} already exists; pass --overwrite to replace it")
         return True
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporaries a killed qat process left for this output (only qat uses these names, and we hold the lock)."""
-        for pat in (f".{self.path.name}.tmp-*", f".{self.path.name}.old-*"):
-            for q in self.path.parent.glob(pat):
-                shutil.rmtree(q, ignore_errors=True)
+    def _recover_from_a_killed_writer(self) -> None:
+        """What a qat process killed while writing this output left (only qat uses these names, and we hold the lock):
+        a previous output moved aside but not yet replaced goes back in place; temporaries are removed."""
+        olds = sorted(self.path.parent.glob(f".{self.path.name}.old-*"))
+        if olds and not self.path.exists():
+            olds.pop().rename(self.path)
+        for q in [*olds, *self.path.parent.glob(f".{self.path.name}.tmp-*")]:
+            shutil.rmtree(q, ignore_errors=True)
 
 
 def claim_output(path: str | os.PathLike, kind: str, *, overwrite: bool, what: str = "--output",

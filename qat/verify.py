@@ -40,13 +40,13 @@ def _signs(where: str, name: str, t: torch.Tensor, spec: QuantSpec) -> None:
         _fail(where, name, "holds values other than -1/+1", spec)
 
 
-def sign_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def fixed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The fixed-by-construction buffers of a freshly built student (compared after its state is loaded)."""
     return {n: b.detach().clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in FIXED_BUFFERS}
 
 
 @torch.no_grad()
-def verify_student(model: torch.nn.Module, spec: QuantSpec, where: str, fresh_signs: dict[str, torch.Tensor]) -> None:
+def verify_student(model: torch.nn.Module, spec: QuantSpec, where: str, fixed: dict[str, torch.Tensor]) -> None:
     """Raise ValueError (one line naming the tensor) if a loaded student's quantizer state cannot come from `spec`."""
     from qat.nn import quant_linears
 
@@ -68,7 +68,7 @@ def verify_student(model: torch.nn.Module, spec: QuantSpec, where: str, fresh_si
     for n, b in model.named_buffers():
         if n.rsplit(".", 1)[-1] in SIGN_BUFFERS:
             _signs(where, n, b, spec)
-        if n in fresh_signs and not torch.equal(b.cpu(), fresh_signs[n].cpu()):
+        if n in fixed and not torch.equal(b.cpu(), fixed[n].cpu()):
             _fail(where, n, "differs from the signs the spec builds", spec)
 
 

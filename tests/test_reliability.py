@@ -627,3 +627,14 @@ def test_convert_gguf_of_the_real_model_knows_its_source(tmp_path, capsys):
     one_error(capsys, r"not from SmolLM2-135M-Instruct\.Q4_1\.gguf \(float16", "convert-gguf", "--output", out,
               "--dtype", "float16")
     assert tree(out) == before
+
+
+def test_a_writer_killed_between_its_two_renames_loses_nothing(world, tmp_path, capsys):
+    """Replacing an output moves the old one aside, then renames the new one in: a kill in between leaves the old one
+    under a temporary name, and the next claim of that output puts it back before anything else."""
+    out = copy(world / "export", tmp_path / "e")
+    good = tree(out)
+    out.rename(tmp_path / ".e.old-12345")
+    (tmp_path / ".e.tmp-abc").mkdir()  # the new one, half written
+    one_error(capsys, "already exists; pass --overwrite", "export", "--student", world / "student", "--output", out)
+    assert tree(out) == good and sorted(p.name for p in tmp_path.iterdir()) == ["e"]

@@ -72,14 +72,6 @@ def export_spec(cfg_file: Path, qc: dict[str, Any]) -> QuantSpec:
     return spec
 
 
-def is_native_export(path) -> bool:
-    try:
-        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
 def _linear_shape(mod: nn.Module) -> tuple[int, int]:
     """(out, in) of an nn.Linear or a GPT-2 Conv1D (whose weight is stored [in, out])."""
     if type(mod).__name__ == "Conv1D":
