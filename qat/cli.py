@@ -28,11 +28,19 @@ def _expected_errors():
     from qat.config import QuantConfigError
     from qat.models import UnsupportedArchitectureError
 
-    return (CLIError, QuantConfigError, UnsupportedArchitectureError, FileNotFoundError, FileExistsError, ValueError)
+    # OSError: a path that cannot be used (missing, taken, under a file, no permission, disk full) is bad input too
+    return (CLIError, QuantConfigError, UnsupportedArchitectureError, OSError, ValueError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line too (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware distillation of LLMs to 1-4 bits.")
+    parser = _Parser(prog="qat", description="Quantization-aware distillation of LLMs to 1-4 bits.")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     wanted = [a for a in argv if a in SUBCOMMANDS][:1] or list(SUBCOMMANDS)
     for name in SUBCOMMANDS:

@@ -37,7 +37,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     _, out = _student(tmp_path)
     w = out / STUDENT_WEIGHTS
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    with pytest.raises(ValueError, match="cannot read student weights"):
+    with pytest.raises(ValueError, match="student.safetensors: truncated or corrupt safetensors file"):
         load_student(out)
 
 
@@ -62,13 +62,14 @@ def test_meta_that_does_not_match_the_architecture(tmp_path):
 def test_atomic_dir_keeps_the_good_output_when_writing_fails(tmp_path):
     target = tmp_path / "out"
     with atomic_output_dir(target) as d:
-        (d / "a.txt").write_text("good")
+        (d / "config.json").write_text("good")
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_output_dir(target, overwrite=True) as d:
-            (d / "a.txt").write_text("half")
+            (d / "config.json").write_text("half")
             raise RuntimeError("boom")
-    assert (target / "a.txt").read_text() == "good"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+    assert (target / "config.json").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or lock file left behind
+    assert json.loads((target / ".qat-output.json").read_text()) == {"kind": "student"}
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         with atomic_output_dir(target):
             pass

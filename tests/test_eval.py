@@ -158,7 +158,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_dirs, wikitext_test, capsys):
     assert main(["eval", "--model", str(tmp_path / "nomodel"), "--data", str(wikitext_test), "--seq-len", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith(f"qat eval: error: model path '{tmp_path / 'nomodel'}' does not exist or is not a dir")
+    assert err[0].startswith(f"qat eval: error: --model '{tmp_path / 'nomodel'}' does not exist or is not a dir")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["eval", "--model", str(tiny_dirs[0]), "--data", str(empty), "--seq-len", "8"]) == 2

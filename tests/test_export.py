@@ -286,7 +286,7 @@ def test_export_cli_errors(tmp_path, capsys):
     not_student.mkdir()
     (not_student / "config.json").write_text("{}")
     assert export(not_student, tmp_path / "e") == 2
-    _one_error_line(capsys, r"qat export: error: .*is not a qat student checkpoint")
+    _one_error_line(capsys, r"qat export: error: --student .*plain' is an FP model directory; this needs a qat student")
     assert not (tmp_path / "e").exists()
 
     _, _, student = make_student(tmp_path, {"weight": {"bits": 4, "group_size": 32}})
@@ -348,7 +348,7 @@ def test_bad_export_dirs(exported, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     del cfg["quantization_config"]
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="no quantization_config"):
+    with pytest.raises(ValueError, match="is an FP model directory; this needs a native qat export"):
         load_quantized(out)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_quantized(tmp_path / "nowhere")

@@ -125,15 +125,15 @@ def test_cli_ptq_unknown_architecture(tmp_path, assets_dir, capsys):
 def test_cli_ptq_keeps_an_existing_output_without_overwrite(tmp_path, assets_dir, capsys):
     model_dir, data = _tiny_llama_dir(tmp_path, assets_dir)
     out = tmp_path / "student"
-    out.mkdir()
-    (out / "keep.txt").write_text("good")
     argv = ["ptq", "--model", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
             "--output", str(out)]
+    assert qat_main(argv) == 0
+    first = (out / "student.safetensors").read_bytes()
     assert qat_main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "good"
-    assert qat_main(argv + ["--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "student.safetensors").is_file()
+    assert (out / "student.safetensors").read_bytes() == first
+    assert qat_main(argv + ["--overwrite"]) == 0  # a student output is replaced by a student output
+    assert (out / "student.safetensors").is_file() and (out / ".qat-output.json").is_file()
     shutil.rmtree(out)
 
 

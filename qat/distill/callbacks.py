@@ -1,8 +1,13 @@
-"""Lightning callbacks of a distillation run, and the PNG summary.
+"""Lightning callbacks of a distillation run, the checkpoint files, and the PNG summary.
 
-    DistillCheckpoint   <run_dir>/checkpoints/last.ckpt: written at the start, every `every` steps, at every window and
-                        stage boundary; atomically (temp file + rename), so a kill never leaves a torn checkpoint and a
-                        NaN stop (raised before the update, see stage.Stage.optimize) keeps the last good one
+    CheckpointFiles     <run_dir>/checkpoints/{last,prev}.ckpt: the writer and the resume lookup. A checkpoint is written
+                        to a temporary name, fsync'd, and renamed over last.ckpt (the directory fsync'd after), with the
+                        previous last.ckpt kept as prev.ckpt, so the last two good checkpoints are always on disk and a
+                        kill at any moment leaves a complete last.ckpt (or, before the first rename, none). On resume a
+                        truncated or corrupt last.ckpt (zip central directory or member CRCs, qat.models.loading.
+                        zip_problem) is reported in one line and prev.ckpt is used.
+    DistillCheckpoint   when to write: at the start, every `every` steps, at every window and stage boundary; a NaN stop
+                        (raised before the update, see stage.Stage.optimize) keeps the last good one
     StageProgressBar    one tqdm bar per stage (block-wise: per window), with stage/block/step/loss in its label
     write_summary_png   loss curves per stage + validation perplexity per stage
 The NaN guard itself lives in stage.Stage.optimize: it must run between backward and the optimizer step.
@@ -17,26 +22,94 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
+LAST, PREV = "last.ckpt", "prev.ckpt"
+
+
+class CheckpointFiles:
+    """The two newest checkpoints of a run directory: atomic, durable writes and the resume lookup.
+
+    Kept small and free of training state so that a multi-process run can call write() on its writing rank alone
+    (trainer.save_checkpoint is collective; only the file operations here are per-process)."""
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.dirpath = Path(dirpath)
+        self.last, self.prev = self.dirpath / LAST, self.dirpath / PREV
+        self.last_is_bad = False  # set when a resume found last.ckpt unusable: it must not become prev.ckpt
+
+    def tmp_path(self) -> Path:
+        return self.dirpath / f".{LAST}.{os.getpid()}.tmp"
+
+    def remove_stale_temporaries(self) -> None:
+        """What a writer killed mid-commit left (only this class writes `.*.tmp` here)."""
+        for q in self.dirpath.glob(".*.tmp"):
+            q.unlink(missing_ok=True)
+
+    def commit(self, tmp: Path, info: dict) -> None:
+        """fsync `tmp`, keep the current last.ckpt as prev.ckpt, rename `tmp` to last.ckpt, fsync the directory.
+        At every instant last.ckpt is a complete file (old or new) once the first one exists."""
+        from qat.io import fsync_dir
+
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.last.exists() and not self.last_is_bad:
+            link = self.dirpath / f".{PREV}.{os.getpid()}.tmp"
+            link.unlink(missing_ok=True)
+            try:
+                os.link(self.last, link)  # prev := the current last (same inode), then swap it in atomically
+                os.replace(link, self.prev)
+            except OSError:  # a filesystem without hard links: a kill before the next rename leaves prev.ckpt only,
+                os.replace(self.last, self.prev)  # which the resume lookup falls back to
+        os.replace(tmp, self.last)
+        self.last_is_bad = False
+        info_tmp = self.dirpath / ".last.json.tmp"
+        info_tmp.write_text(json.dumps(info, indent=2))
+        os.replace(info_tmp, self.dirpath / "last.json")
+        fsync_dir(self.dirpath)
+
+    def write(self, trainer, info: dict) -> Path:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_path()
+        trainer.save_checkpoint(tmp, weights_only=False)
+        self.commit(tmp, info)
+        return self.last
+
+    def find_resumable(self) -> tuple[Path, str | None]:
+        """(checkpoint to resume from, a one-line warning when last.ckpt was unusable and prev.ckpt is used)."""
+        from qat.models.loading import zip_problem
+
+        if not self.last.exists() and not self.prev.exists():
+            raise FileNotFoundError(f"no checkpoint to resume at {str(self.last)!r} (the run directory has none yet: "
+                                    "start without --resume)")
+        problems = []
+        for p in (self.last, self.prev):
+            why = zip_problem(p) if p.exists() else "missing"
+            if why is None:
+                if p == self.prev:
+                    self.last_is_bad = True
+                    return p, f"{self.last} is unusable ({problems[0]}); resuming from {PREV}"
+                return p, None
+            problems.append(why)
+        raise ValueError(f"no usable checkpoint in {self.dirpath}: {LAST} {problems[0]}, {PREV} {problems[1]}")
+
 
 class DistillCheckpoint(Callback):
-    def __init__(self, dirpath: str | os.PathLike, every: int):
-        self.dirpath = Path(dirpath)
+    def __init__(self, files: CheckpointFiles, every: int):
+        self.files = files
         self.every = every
         self.last_path: Path | None = None
+        files.remove_stale_temporaries()
 
     @property
     def path(self) -> Path:
-        return self.dirpath / "last.ckpt"
+        return self.files.last
 
     def save(self, trainer, module) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".last.ckpt.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, self.path)
-        self.last_path = self.path
         info = {"global_step": module.global_step_, "stage_index": module.stage_index, "finished": module.finished,
                 **({"where": module.stage.where()} if module.stage is not None and not module.stage.done else {})}
-        (self.dirpath / "last.json").write_text(json.dumps(info, indent=2))
+        self.last_path = self.files.write(trainer, info)
 
     def on_train_start(self, trainer, module) -> None:
         if module.resumed_from is None and module.global_step_ == 0:

@@ -1,4 +1,5 @@
-"""`qat eval`: perplexity of an FP model directory or a qat student checkpoint on a local text file."""
+"""`qat eval`: perplexity of any model directory qat reads (FP model, student, native or compressed-tensors export) on
+a local text file."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity on a text file (non-overlapping windows, bos prepended once)")
-    p.add_argument("--model", required=True, help="HF model directory or qat student checkpoint")
+    p.add_argument("--model", required=True, help="HF model directory, qat student checkpoint or export")
     p.add_argument("--data", required=True, help="text file (any extension) or .jsonl/.json with a text field")
     p.add_argument("--seq-len", type=int, required=True, help="window length in tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens (default: all)")
@@ -27,23 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args) -> int:
     from qat.data.text import read_text, tokenize_file
     from qat.eval.perplexity import perplexity
-    from qat.models.loading import load_any
-    from qat.nn import model_bits_per_weight, quant_linears
+    from qat.models.loading import load_model, resolve_device
 
     for name in ("seq_len", "batch_size", "max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     read_text(args.data, args.text_field)  # a missing/empty data file fails before the model is loaded
-    model, tokenizer = load_any(args.model, dtype=DTYPES[args.dtype], device=device)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device)  # any directory kind, checked
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenize_file(args.data, tokenizer, add_bos=True, field=args.text_field)
     t0 = time.perf_counter()
     res = perplexity(model, ids, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
     seconds = time.perf_counter() - t0
-    bpw = model_bits_per_weight(model)["bits_per_weight"] if quant_linears(model) else 16.0
+    bpw = loaded.bits_per_weight
     if args.json:
         print(json.dumps({"perplexity": res["perplexity"], "nll": res["nll"], "tokens": res["tokens"],
                           "model": str(args.model), "bits_per_weight": bpw}), flush=True)

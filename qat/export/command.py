@@ -22,14 +22,14 @@ def register(sub) -> None:
 
 def export_student(student_dir, output, *, fmt: str = "native", dtype="float16", overwrite: bool = False):
     """Read a student checkpoint and export it; returns the ExportReport."""
-    from qat.checkpoint import read_student_meta
-    from qat.config import QuantSpec
+    from qat.checkpoint import student_spec
     from qat.export.pack import export_native, parse_dtype
-    from qat.io import check_output_dir
+    from qat.io import claim_output
+    from qat.models.loading import check_kind, load_model, load_tokenizer
 
-    check_output_dir(output, overwrite)  # before the (slow) load, so a wrong path costs nothing
-    meta = read_student_meta(student_dir)  # a non-student dir fails here with one line
-    spec = QuantSpec.from_dict(meta["spec"])
+    # every cheap check before the (slow) load, so a wrong path or format costs nothing
+    check_kind(student_dir, ("student",), "--student")
+    spec = student_spec(student_dir)
     dt = parse_dtype(dtype)
     if fmt == "compressed-tensors":
         from qat.export.compressed_tensors import check_compressed_tensors_spec, export_compressed_tensors
@@ -40,15 +40,13 @@ def export_student(student_dir, output, *, fmt: str = "native", dtype="float16",
         writer = export_native
     else:
         raise ValueError(f"unknown export format {fmt!r}; supported: native, compressed-tensors")
-    from qat.checkpoint import load_student
-    from qat.models.loading import load_tokenizer
-
-    model, _ = load_student(student_dir)
-    try:
-        tok = load_tokenizer(student_dir)
-    except (OSError, ValueError):  # a checkpoint saved without tokenizer files still exports
-        tok = None
-    return writer(model, tok, spec, output, dtype=dt, overwrite=overwrite)
+    with claim_output(output, "export", overwrite=overwrite, inputs={"--student": student_dir}):
+        model = load_model(student_dir, accept=("student",), what="--student", tokenizer=False).model
+        try:
+            tok = load_tokenizer(student_dir)
+        except (OSError, ValueError):  # a checkpoint saved without tokenizer files still exports
+            tok = None
+        return writer(model, tok, spec, output, dtype=dt, overwrite=overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

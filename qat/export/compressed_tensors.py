@@ -129,7 +129,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, spec: QuantSpec, out_
         tensors[name] = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
 
     cfg = _export_config(model.config, dtype)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, kind="export") as tmp:
         cfg.save_pretrained(tmp)
         _add_to_config(tmp / "config.json", {"quantization_config": ct_quantization_config(spec, ignore)})
         if tokenizer is not None:

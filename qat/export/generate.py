@@ -1,7 +1,7 @@
 """`qat generate --model DIR --prompt "..." [--max-new-tokens 60] [--greedy | --temperature T --top-p P] [--seed S]`
 
-DIR may be a native export (qat.load_quantized), a student checkpoint or an FP / compressed-tensors model directory
-(qat.models.loading.load_any). Prints the generated text on stdout and the speed on stderr.
+DIR may be a native or compressed-tensors export, a student checkpoint or an FP model directory (one loader for all:
+qat.models.loading.load_model). Prints the generated text on stdout and the speed on stderr.
 """
 from __future__ import annotations
 
@@ -32,37 +32,11 @@ def register(sub) -> None:
 
 
 def load_for_generation(path, device="cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for any directory `qat generate` accepts."""
-    from qat.export.load import is_native_export, load_quantized
-    from qat.models.loading import load_any, load_tokenizer
+    """(model, tokenizer) for any directory `qat generate` accepts (qat.models.loading.load_model, checked)."""
+    from qat.models.loading import load_model
 
-    if is_native_export(path):
-        model = load_quantized(path, device=device, dtype=dtype)
-        if torch.device(device).type == "cpu":  # no packed CPU kernels: dequantize each layer once, same values
-            from qat.export.runtime import set_dense_cache
-
-            set_dense_cache(model, True)
-        return model, load_tokenizer(path)
-    if _quant_method(path) == "compressed-tensors":
-        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-        # dequantize at load: transformers' compressed path refuses asymmetric pack-quantized zero points
-        # (compressed-tensors 0.20 pre-shapes them unpacked), and on CPU the math is the same dense matmul anyway
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
-        return model.to(device).eval(), load_tokenizer(path)
-    return load_any(path, dtype=dtype, device=device)
-
-
-def _quant_method(path) -> str | None:
-    import json
-    from pathlib import Path
-
-    try:
-        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return None
-    return qc.get("quant_method")
+    loaded = load_model(path, dtype=dtype, device=device)
+    return loaded.model, loaded.tokenizer
 
 
 def generate_ids(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float | None = None,
@@ -84,15 +58,23 @@ def generate_ids(model, input_ids: torch.Tensor, *, max_new_tokens: int, tempera
 
 
 def run(args: argparse.Namespace) -> int:
-    dtype = (torch.float16 if str(args.device).startswith("cuda") else torch.float32) if args.dtype == "auto" \
-        else DTYPES[args.dtype]
-    model, tok = load_for_generation(args.model, device=args.device, dtype=dtype)
+    from qat.models.loading import resolve_device
+
+    if not args.prompt and not args.chat:
+        raise ValueError("--prompt is empty; give the text to continue")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = resolve_device(args.device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+    model, tok = load_for_generation(args.model, device=device, dtype=dtype)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
-    ids = ids.to(args.device)
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt encodes to no tokens; give the text to continue")
+    ids = ids.to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.inference_mode():  # warm-up outside the timing (one-off dequantization, allocator, kernel compiles)
         model(ids[:, :1])
@@ -102,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(tok.decode(new[0], skip_special_tokens=True))
     n = new.shape[1]
-    print(f"[{n} new tokens in {dt:.2f} s: {n / dt:.1f} tokens/s on {args.device}, {str(dtype).removeprefix('torch.')}]",
+    print(f"[{n} new tokens in {dt:.2f} s: {n / dt:.1f} tokens/s on {device}, {str(dtype).removeprefix('torch.')}]",
           file=sys.stderr)
     return 0

@@ -170,7 +170,7 @@ def export_native(model: nn.Module, tokenizer, spec: QuantSpec, out_dir, *, dtyp
     acct = model_bits_per_weight(model)
     qc = quantization_config(spec, list(qlins), skipped, acct["bits_per_weight"], dtype)
     cfg = _export_config(model.config, dtype)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, kind="export") as tmp:
         cfg.save_pretrained(tmp)
         _add_to_config(tmp / "config.json", {"quantization_config": qc})
         if tokenizer is not None:

@@ -48,16 +48,24 @@ def spec_from_args(a) -> QuantSpec:
 
 
 def run(a) -> int:
+    from qat.io import claim_output
+    from qat.models.loading import check_kind, resolve_device
+
+    # every cheap check before any expensive work, so bad input fails in a second and writes nothing
+    spec = spec_from_args(a)
+    device = resolve_device(a.device)
+    check_kind(a.model, ("fp",), "--model")
+    with claim_output(a.output, "student", overwrite=a.overwrite, inputs={"--model": a.model}):
+        return _quantize(a, spec, device)
+
+
+def _quantize(a, spec: QuantSpec, device) -> int:
     from qat.checkpoint import save_student
     from qat.data.text import read_text, sample_windows, tokenize_file
-    from qat.io import check_output_dir
     from qat.models.loading import load_fp_model, load_tokenizer, meta_model
     from qat.nn import check_spec_fits, model_bits_per_weight
     from qat.ptq.pipeline import ptq_quantize
 
-    # every cheap check before any expensive work, so bad input fails in a second and writes nothing
-    spec = spec_from_args(a)
-    check_output_dir(a.output, a.overwrite)
     check_spec_fits(meta_model(a.model), spec)  # architecture + shapes, without reading weights
     needs_data = a.method == "gptq" or spec.act.enabled
     if needs_data and not a.data:
@@ -69,7 +77,7 @@ def run(a) -> int:
 
     t0 = time.time()
     tokenizer = load_tokenizer(a.model)
-    model = load_fp_model(a.model, device=a.device)
+    model = load_fp_model(a.model, device=device)  # every tensor read from the file, or one clear error
     calib = sample_windows(tokenize_file(a.data, tokenizer), a.calib_samples, a.seq_len, a.seed) if needs_data else None
     torch.manual_seed(a.seed)
     names = ptq_quantize(model, spec, calib, a.method, act_order=a.act_order, damp=a.damp, batch_size=a.batch_size)
