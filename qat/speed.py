@@ -9,6 +9,9 @@ math allows, gradients numerically), and the benchmark turns a lever off to meas
                        (qat/distill/losses.py), instead of log_softmax graphs over the whole [tokens, vocab] tensor
     cache_eval_weight  QuantLinear keeps its dequantized weight while nothing can change it (no grad, quantizer in
                        eval mode) until a parameter changes: student eval / generate run at their export's speed
+    compile_quant      torch.compile (Inductor) the uniform fake-quant instead of the hand-written function: one fused
+                       loop per direction; costs a compile of minutes per process on a small CPU (see
+                       docs/TRAIN_SPEED.md for where it pays)
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class Levers:
     fused_quant: bool = True
     fused_loss: bool = True
     cache_eval_weight: bool = True
+    compile_quant: bool = False
 
 
 LEVERS = Levers()

@@ -9,7 +9,8 @@ Paths, each one optimizer step of the real stage code (qat/distill/e2e.py, block
     block      stage 1, one block-wise step of block 0 (latent + quantizer parameters, token_mse on cached
                teacher targets); reported as tokens/s against the full-model FP step     (goal >= 25x)
 for uniform W2g64 and W4g64, W(1+1) g64, VQ 2-bit and W4g64A4 (per-token 4-bit activations running). Students are
-RTN-initialised (PTQ quality does not change the step time).
+RTN-initialised (PTQ quality does not change the step time; VQ rounds in z-space instead of its exhaustive
+nearest-codeword search) and kept in runs/bench-train/students/ for the next run.
 
 Noise: the machine is shared, so every configuration is stepped once per round, round after round in a shuffled
 order (round-robin), and each step is divided by the FP step of the same round; the tables give the median of these
@@ -125,12 +126,13 @@ class Config:
                           samples=self.batch if kind == "blockwise" else None, freeze_codes=freeze,
                           act_quant=bool(spec and spec.act.enabled))
         sspec.validate(0)
-        if id(student) not in env["designed"]:
-            env["designed"][id(student)] = snapshot_trainable(student)
+        who = self.fmt or "FP"  # trainable-by-design map, from the model as first built (students are reloaded)
+        if who not in env["designed"]:
+            env["designed"][who] = snapshot_trainable(student)
         ctx = DistillContext(student=student, teacher=env["fp_model"], adapter=get_adapter(student),
                              spec=spec or env["fp_spec"], train_ids=env["ids"][: max(self.batch, 1)],
                              device=torch.device("cpu"), run_dir=env["run_dir"], seed=0,
-                             designed=env["designed"][id(student)])
+                             designed=env["designed"][who])
         if kind == "blockwise":
             from qat.distill.blockwise import BlockwiseStage
 
@@ -292,9 +294,61 @@ def profile_step(cfg: Config, env: dict, rows: int = 22) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
 
 
+class Students:
+    """The RTN students, one resident at a time (each is a full model copy; the shared machine has little memory):
+    built once and kept in <work>/students/, then loaded when a configuration needs another format."""
+
+    def __init__(self, fp_model, model_dir, specs: dict, work: Path):
+        self.fp_model, self.model_dir, self.specs, self.work = fp_model, model_dir, specs, work
+        self.name, self.model = None, None
+        self.files: dict[str, Path] = {}
+        self.memory: dict[str, torch.nn.Module] = {}  # --quick: tiny models stay in memory
+        for name in specs:
+            self._build(name)
+
+    def _build(self, name: str) -> None:
+        from qat.nn import quantize_model
+
+        spec = self.specs[name]
+        tag = hashlib.sha1(json.dumps([str(self.model_dir), spec.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+        path = self.work / "students" / f"{tag}.pt"
+        self.files[name] = path
+        if self.model_dir is not None and path.is_file():
+            return
+        t = time.perf_counter()
+        s = copy.deepcopy(self.fp_model)
+        # VQ: nearest codewords by rounding in z-space (exact while A is orthogonal, as at init) instead of the
+        # exhaustive search over 4^4 codewords, which takes an hour on a loaded 2-core CPU
+        import qat.quantizers.vq as vq
+
+        exhaustive, vq._MAX_EXHAUSTIVE = vq._MAX_EXHAUSTIVE, 0
+        try:
+            quantize_model(s, spec)
+        finally:
+            vq._MAX_EXHAUSTIVE = exhaustive
+        if self.model_dir is None:
+            self.memory[name] = s
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(s.state_dict(), path)
+        print(f"[student {name}: built in {time.perf_counter() - t:.1f}s]", file=sys.stderr, flush=True)
+
+    def __getitem__(self, name: str):
+        if name in self.memory:
+            return self.memory[name]
+        if self.name != name:
+            from qat.nn import quantize_model
+
+            self.name, self.model = None, None  # free the resident one first
+            s = copy.deepcopy(self.fp_model)
+            quantize_model(s, self.specs[name], init=False)
+            s.load_state_dict(torch.load(self.files[name], weights_only=True))
+            self.name, self.model = name, s
+        return self.model
+
+
 def build_env(args) -> dict:
     from qat.config import QuantSpec
-    from qat.nn import quantize_model
 
     if args.quick:
         fp_model, model_dir = tiny_llama(), None
@@ -305,34 +359,30 @@ def build_env(args) -> dict:
     specs = {}
     for name in args.formats:
         d = copy.deepcopy(FORMATS[name])
-        if args.quick:  # the tiny model's widths are 128 / 256
-            d["weight"]["group_size"] = 32 if d["weight"].get("format", "uniform") != "vq" else d["weight"].get(
-                "group_size", 128)
+        if args.quick and d["weight"].get("format", "uniform") != "vq":  # the tiny model's widths are 128 / 256
+            d["weight"]["group_size"] = 32
         specs[name] = QuantSpec.from_dict(d)
     work = Path(args.out or (REPO / "runs" / "bench-train"))
-    students = {}
-    for name, spec in specs.items():
-        t = time.perf_counter()
-        s = copy.deepcopy(fp_model)
-        # RTN init, kept in the work dir (VQ's and W(1+1)'s take minutes on a loaded CPU; the step time does not
-        # depend on the values)
-        tag = hashlib.sha1(json.dumps([str(model_dir), spec.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
-        cached = work / "students" / f"{tag}.pt"
-        if model_dir is not None and cached.is_file():
-            quantize_model(s, spec, init=False)
-            s.load_state_dict(torch.load(cached, weights_only=True))
-        else:
-            quantize_model(s, spec)
-            if model_dir is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(s.state_dict(), cached)
-        students[name] = s
-        print(f"[student {name}: {time.perf_counter() - t:.1f}s]", file=sys.stderr, flush=True)
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    return {"fp_model": fp_model, "students": students, "specs": specs, "fp_spec": QuantSpec(),
+    return {"fp_model": fp_model, "students": Students(fp_model, model_dir, specs, work), "specs": specs,
+            "fp_spec": QuantSpec(),
             "ids": train_windows(model_dir, max(args.batch), args.seq_len, fp_model.config.vocab_size),
             "run_dir": run_dir, "designed": {}, "threads": args.threads, "memory": not args.no_memory}
+
+
+def round_order(configs: list, rng: random.Random) -> list:
+    """A shuffled round that visits each format's configurations together (one student load per format)."""
+    groups: dict = {}
+    for c in configs:
+        groups.setdefault(c.fmt, []).append(c)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = []
+    for k in keys:
+        rng.shuffle(groups[k])
+        order += groups[k]
+    return order
 
 
 def run(args) -> dict:
@@ -348,14 +398,12 @@ def run(args) -> dict:
         raise SystemExit("bench_train: --paths must include fp (every ratio is taken against it)")
     load = [os.getloadavg()]
     t_start = time.time()
-    for c in configs:
+    rng = random.Random(0)
+    for c in round_order(configs, rng):
         visit(c, env, timed=False)
         print(f"[warm-up {c.key}]", file=sys.stderr, flush=True)
-    rng = random.Random(0)
     for r in range(args.rounds):
-        order = configs[:]
-        rng.shuffle(order)
-        for c in order:
+        for c in round_order(configs, rng):
             visit(c, env, timed=True)
         load.append(os.getloadavg())
         print(f"[round {r + 1}/{args.rounds} done, {time.time() - t_start:.0f}s, load {load[-1][0]:.1f}]",
@@ -439,11 +487,14 @@ def markdown(res: dict) -> str:
     if res.get("profile"):
         lines += ["", f"Profile of one step of the slowest path ({res['profile']['config']}), torch.profiler, "
                       "sorted by self CPU time:", "", "```", res["profile"]["table"].rstrip(), "```"]
-    lines += ["", f"![step time / FP step](train_speed/{res['label']}.png)"]
+    if any(r["path"] not in ("fp", "block") for r in res["rows"]):
+        lines += ["", f"![step time / FP step](train_speed/{res['label']}.png)"]
     return "\n".join(lines)
 
 
 def plot(res: dict, path: Path) -> None:
+    if not any(r["path"] not in ("fp", "block") for r in res["rows"]):
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_model
 
 from qat.config import ActSpec, QuantSpec, WeightSpec
@@ -296,3 +295,29 @@ def test_student_and_export_give_the_same_logits_and_tokens(tmp_path, spec_dict)
     b = generate_ids(loaded, prompt, max_new_tokens=10)
     assert a.shape == (1, 10) and torch.equal(a, b)
     assert all(c == 1 for c in calls.values())  # one dequantization per layer for every forward above
+
+
+# ---- the benchmark script's smoke test -----------------------------------------------------------------------------
+def test_bench_train_quick_runs_every_path(tmp_path):
+    """scripts/bench_train.py --quick on a tiny random model: every path, two lever variants, a table, a profile."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "scripts" / "bench_train.py"), "--quick", "--out", str(tmp_path), "--threads", "1",
+           "--rounds", "1", "--formats", "W2g64", "--variants", "default", "plain:fused_quant=0,fused_loss=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "train_speed" / "current.json").read_text())
+    got = {(r["variant"], r["path"], r["format"]) for r in res["rows"]}
+    want = {(v, p, f) for v in ("default", "plain") for p in ("qat", "kd", "kd_latent", "block")
+            for f in ("W2g64",)} | {("default", "fp", "FP"), ("plain", "fp", "FP")}
+    assert got == want
+    assert all(r["median_s"] > 0 and r["memory_mib"] > 0 for r in res["rows"])
+    assert all(r["ratio"] == 1.0 for r in res["rows"] if r["path"] == "fp")
+    doc = (tmp_path / "TRAIN_SPEED.md").read_text()
+    assert "<!-- bench_train:current begin -->" in doc and "| default | 2 | qat | W2g64 |" in doc
+    assert res["profile"] and "aten::" in res["profile"]["table"]

@@ -16,6 +16,7 @@ weight itself: QuantLinear owns that, so checkpoints keep the original parameter
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
@@ -118,7 +119,15 @@ def fake_quant(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: i
         return fake_quant_reference(x, s, z, lo, hi)
     if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or z.requires_grad)):
         return torch.div(x, s).round_().add_(z).clamp_(lo, hi).sub_(z).mul_(s)
+    if LEVERS.compile_quant:
+        return _compiled_reference()(x, s, z, lo, hi)
     return _FakeQuant.apply(x, s, z, lo, hi)
+
+
+@functools.cache
+def _compiled_reference():
+    """fake_quant_reference through torch.compile (dynamic shapes: one compile serves every layer shape)."""
+    return torch.compile(fake_quant_reference, dynamic=True)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -39,6 +39,7 @@ DGE_K = 5.0
 DGE_GMAX = 3.0
 _CODE_VAR = 1.25  # Var(Uniform{0,1,2,3}): A = Q / sqrt(1.25) maps z to unit-variance coordinates
 _MAX_EXHAUSTIVE = 4096  # codebooks up to this size are searched exhaustively (4^6); larger d round in z-space
+_MAX_TABLE = 65536  # the fused forward gathers from a table of every codeword up to this size (4^8)
 _MIN_SCALE = 1e-4
 
 
@@ -186,7 +187,7 @@ class VQQuantizer(WeightQuantizer):
                               block_in=self.block_in, block_out=self.block_out)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not LEVERS.fused_quant or (self.qmax + 1) ** self.vq_dim > _MAX_EXHAUSTIVE:
+        if not LEVERS.fused_quant or (self.qmax + 1) ** self.vq_dim > _MAX_TABLE:
             return self._decode(self.latent_to_codes(weight))
         A, b, s_u, s_v = self.fp16_params()
         w_rot = _CodebookDecode.apply(weight, A, b, self.latent_scale, self.qmax, DGE_K, DGE_GMAX)
