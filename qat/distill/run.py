@@ -109,7 +109,7 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     from qat.checkpoint import load_student, save_student
     from qat.distill import params as P
     from qat.distill.callbacks import DistillCheckpoint, StageProgressBar, write_summary_png
-    from qat.distill.data import corpus_windows, eval_ids, teacher_windows
+    from qat.distill.data import corpus_windows, eval_ids, training_pool
     from qat.distill.module import DistillModule
     from qat.models import get_adapter
     from qat.models.loading import load_fp_model, load_tokenizer
@@ -137,11 +137,8 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
 
     # data: the training pool (also the calibration source), and the held-out eval tokens
     d = recipe.data
-    if d.source == "teacher":
-        train = teacher_windows(d, teacher, tokenizer, model_dir, recipe.seed, d.cache_dir or run_dir / "data",
-                                progress=recipe.progress)
-    else:
-        train = corpus_windows(d, tokenizer, d.num_samples, d.seq_len, recipe.seed)
+    train = training_pool(d, teacher, tokenizer, model_dir, recipe.seed, d.cache_dir or run_dir / "data",
+                          progress=recipe.progress)
     ev_ids = eval_ids(recipe.eval.file, tokenizer) if recipe.eval.file else None
 
     init: dict = {}

@@ -96,6 +96,7 @@ class Stage:
         self.param_names: list[str] = []
         self.last_loss = float("nan")
         self.frozen = None  # FrozenCodes while a freeze_codes stage/window runs
+        self.rounding = None  # SignRound while a window learns its rounding (rounding.py)
 
     # ---- to implement -------------------------------------------------------------------------------------------
     total_steps: int = 0
@@ -120,8 +121,9 @@ class Stage:
         return f"stage {self.index} ({self.spec.name}, {self.spec.kind})"
 
     # ---- shared machinery ---------------------------------------------------------------------------------------
-    def make_trainable(self, prefixes: list[str] | None, total_steps: int) -> None:
-        """requires_grad only on the selected parameters under `prefixes`; a fresh optimizer + schedule for them."""
+    def make_trainable(self, prefixes: list[str] | None, total_steps: int, allow_empty: bool = False) -> None:
+        """requires_grad only on the selected parameters under `prefixes`; a fresh optimizer + schedule for them
+        (none when nothing is selected and `allow_empty`: a window whose only trained state is its rounding)."""
         ctx = self.ctx
         P.freeze_all(ctx.student)
         groups = P.select(ctx.student, self.spec.train, prefixes, ctx.designed, ctx.classes)
@@ -137,6 +139,9 @@ class Stage:
             opt_groups.append({"params": ps, "lr": self.spec.optim.lr.get(sel, self.spec.optim.default_lr),
                                "name": sel})
         if not opt_groups:
+            if allow_empty:
+                self.opt = self.sched = None
+                return
             raise ValueError(f"{self.where()}: nothing to train (train {self.spec.train} matches no parameter here)")
         self.opt = build_optimizer(opt_groups, self.spec.optim, ctx.device)
         self.sched = build_scheduler(self.opt, self.spec.optim, total_steps)
@@ -161,6 +166,25 @@ class Stage:
     def frozen_state(self) -> dict:
         return {"frozen": self.frozen.state_dict()} if getattr(self, "frozen", None) is not None else {}
 
+    def learn_rounding(self, prefixes: list[str], total_steps: int, state: dict | None) -> None:
+        """rounding: the uniform quantizers under `prefixes` learn their rounding and clipping (rounding.py)."""
+        self.rounding = None
+        if not self.spec.rounding.enabled:
+            return
+        from qat.distill.rounding import SignRound
+        from qat.nn import quant_linears
+
+        mods = {n: m for n, m in quant_linears(self.ctx.student).items() if any(n.startswith(p + ".") for p in prefixes)}
+        self.rounding = SignRound(mods, self.spec.rounding, total_steps).attach(state.get("rounding") if state else None)
+
+    def finish_rounding(self) -> None:
+        if self.rounding is not None:
+            self.rounding.finish(self.params)
+            self.rounding = None
+
+    def rounding_state(self) -> dict:
+        return {"rounding": self.rounding.state_dict()} if self.rounding is not None else {}
+
     def release(self) -> None:
         self.opt, self.sched, self.params, self.param_names = None, None, [], []
         P.freeze_all(self.ctx.student)
@@ -169,19 +193,29 @@ class Stage:
         """Backward + (clipped) step with the NaN guard: a non-finite loss or gradient stops before the update."""
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
-            self.opt.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self._nan_message("loss", value))
+        if self.rounding is not None:
+            self.rounding.observe(value, self.params)  # before the step: the parameters that gave this loss
         self.ctx.backward(loss)
         clip = self.spec.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        params = self.params + (self.rounding.parameters() if self.rounding is not None else [])
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad(params)
             raise NonFiniteLossError(self._nan_message("gradient norm", float(norm)))
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.step()
+            self.sched.step()
+        if self.rounding is not None:
+            self.rounding.step()
+        self._zero_grad(params)
         self.last_loss = value
         return value
+
+    @staticmethod
+    def _zero_grad(params: list[torch.Tensor]) -> None:
+        for p in params:
+            p.grad = None
 
     def _nan_message(self, what: str, value: float) -> str:
         ckpt = self.ctx.last_checkpoint()
