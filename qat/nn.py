@@ -15,6 +15,7 @@ from torch import nn
 
 from qat.config import QuantSpec
 from qat.quantizers import make_act_quantizer, make_weight_quantizer
+from qat.speed import LEVERS
 from qat_kernels.hadamard import block_hadamard, hadamard_block_size, random_signs
 
 
@@ -28,6 +29,7 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = make_weight_quantizer(spec.weight, out_features, in_features)
         self.act_quantizer = make_act_quantizer(spec.act, in_features)
         self.quant_enabled = True
+        self._cache: tuple | None = None  # (key, dequantized weight) in eval use, see _weight_for
         # QuaRot-style input rotation for low-bit activations: x W^T = (x T)(W T)^T with T orthogonal; the latent
         # weight is stored already rotated (W T) so only the activation side is rotated at run time.
         if spec.act.enabled and spec.act.hadamard:
@@ -59,6 +61,34 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """The effective weight in `dtype`. Where nothing can train it (no grad, quantizer in eval mode: `qat eval`,
+        `qat generate`, evaluation during distillation) it is dequantized once and kept until one of its inputs
+        changes, which is what the export does on CPU (qat.speed lever cache_eval_weight)."""
+        q = self.weight_quantizer
+        if q.training:
+            self._cache = None  # training: the weight changes every step, keep no dense copy
+        if q.training or torch.is_grad_enabled() or not LEVERS.cache_eval_weight:
+            return q(self.weight).to(dtype)
+        key = self._cache_key(dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the stale copy before making the new one
+            self._cache = (key, q(self.weight).to(dtype))
+        return self._cache[1]
+
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        """Everything the dequantized weight depends on: the tensors' identities and version counters (every in-place
+        change bumps them: optimizer steps, load_state_dict, copy_ under no_grad), the quantizer's non-tensor state
+        (WeightQuantizer.cache_state) and the hooks on it (FrozenCodes-style forward overrides)."""
+        q = self.weight_quantizer
+        tensors = [self.weight, *q.parameters(), *q.buffers()]
+        return (dtype, tuple((id(t), t.data_ptr(), t._version) for t in tensors), q.cache_state(),
+                tuple(q._forward_hooks), tuple(q._forward_pre_hooks))
+
+    def train(self, mode: bool = True):
+        self._cache = None  # a mode switch ends an evaluation: do not hold a dense copy into training
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             if self.rotation_block:
@@ -67,8 +97,7 @@ class QuantLinear(nn.Module):
         x = self.rotate_input(x)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        w = self.weight_quantizer(self.weight)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self._weight_for(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.spec.describe()}"

@@ -7,6 +7,7 @@ student's latent weight *is* its dequantized value, (q - z) * s, so w/s is an in
 for every weight: scales and zero points receive no gradient at all (measured on SmolLM2 W2g64: |grad| = 0). With
 `freeze_codes: true` a stage holds q fixed at the values of its start (window start for block-wise stages) and
 computes w_hat = (q - z) * s from the current (s, z), so d w_hat / d s = q - z: the step sizes train, as in E2E-QP.
+(The codes go into the quantizer's `frozen_codes`, whose forward then skips the LSQ rounding altogether.)
 The latent weight gets no gradient in this mode (recipes may not train `latent` with it). When the window/stage ends,
 bake() rewrites each latent weight to (q - z) * s with the trained (s, z): the quantizer's ordinary forward (and
 pack()) then reproduce the trained model exactly, instead of re-rounding the old latent against the new step sizes.
@@ -24,7 +25,8 @@ from qat.nn import QuantLinear
 
 
 def supports_frozen_codes(q: nn.Module) -> bool:
-    return all(hasattr(q, a) for a in ("scale", "zero", "scale_zero", "qmax", "n_groups", "group_size"))
+    return all(hasattr(q, a) for a in ("scale", "zero", "scale_zero", "qmax", "n_groups", "group_size",
+                                       "frozen_codes"))
 
 
 def _codes(q: nn.Module, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,6 @@ class FrozenCodes:
         self.modules = modules
         self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.codes: dict[str, torch.Tensor] = {}
-        self._handles: list = []
 
     @torch.no_grad()
     def attach(self, state: dict | None = None) -> FrozenCodes:
@@ -54,12 +55,7 @@ class FrozenCodes:
             self.start[name] = (s0, z0)
             codes = _codes(q, m.weight, s0, z0)
             self.codes[name] = codes
-
-            def hook(mod, args, _out, codes=codes):
-                s, z = mod.scale_zero(args[0])
-                return ((codes - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(mod.out_features, mod.in_features)
-
-            self._handles.append(q.register_forward_hook(hook))
+            q.frozen_codes = codes  # the quantizer's forward is then (q - z) * s with the current (s, z)
         return self
 
     @torch.no_grad()
@@ -75,9 +71,8 @@ class FrozenCodes:
         self.detach()
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for m in self.modules.values():
+            m.weight_quantizer.frozen_codes = None
 
     def state_dict(self) -> dict:
         return {n: (s.cpu(), z.cpu()) for n, (s, z) in self.start.items()}

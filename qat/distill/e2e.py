@@ -1,7 +1,9 @@
 """Stage 2: end-to-end distillation (EfficientQAT E2E-QP, BitDistiller, LC-QAT).
 
 The whole student runs on batches of training windows against the frozen FP teacher, whose logits are computed on the
-fly under no_grad (caching [N, L, vocab] logits would cost far more disk than recomputing them). Loss: kl | reverse_kl
+fly under no_grad (caching [N, L, vocab] logits would cost far more disk than recomputing them: 25 GB in float32 for
+256 windows of 512 tokens of a 49k vocabulary). Both models' logits are dropped before the backward pass, which does
+not need them (the chunked losses of losses.py keep only the gradient). Loss: kl | reverse_kl
 | cakld | ce on the logits (qat/distill/losses.py), + ce_weight * next-token CE, + hidden_weight * token_mse over every
 block's output hidden state, + polarization of trained binary11 bitmaps. What trains is the recipe's `train` list over
 the whole model: e.g. [wq.scale] for EfficientQAT's E2E-QP (step sizes only), [wq] for all quantizer parameters, or
@@ -67,6 +69,7 @@ class E2EStage(Stage):
         pol = self.polarization(self.bitmaps, self.step / max(self.total_steps - 1, 1))
         if pol is not None:
             loss = loss + pol
+        del t_out, s_out  # the [B, L, vocab] logits are not needed by the backward pass: free them before it
         value = self.optimize(loss)
         self.step += 1
         return {"loss": value, "main_loss": float(main.detach()), "tokens": int(x.numel())}

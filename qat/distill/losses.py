@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qat.speed import LEVERS
+
 _EPS = 1e-12
 
 
@@ -64,6 +66,87 @@ def block_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "token_
     return (per * w).sum() / (w.sum() * per.shape[0])
 
 
+# ---- logit losses: row chunks with the gradient in the same pass (qat.speed lever fused_loss) ------------------------
+_CHUNK_ELEMENTS = 2**17  # ~0.5 MB of float32 per temporary: a chunk's softmax work stays in the CPU's L2 cache
+
+
+class _ChunkedLogitsLoss(torch.autograd.Function):
+    """kl | reverse_kl | cakld | ce of logits [B, L, V], walked in chunks of rows: per chunk the log-softmaxes, the
+    loss and d loss / d student logits are computed together and the gradient is written straight into one [B, L, V]
+    tensor, so the logits are read once and that gradient written once; the autograd reference materialises several
+    [B, L, V] tensors (the temperature copies, both log-softmaxes, the teacher probabilities, their difference) and
+    walks them again in the backward pass. Per row, with ls = log_softmax(s / T), lt = log_softmax(t / T), ps, pt
+    their probabilities and n rows in the mean:
+        kl          sum pt (lt - ls)             d/ds = (ps - pt) T / n                (times T^2, as the reference)
+        reverse_kl  r = sum ps (ls - lt)         d/ds = ps (ls - lt - r) T / n
+        cakld       gamma kl + (1 - gamma) reverse_kl
+        ce          -ls[target] (T = 1, rows 0..L-2 against the next token)   d/ds = (ps - onehot) / n
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, kind: str, temperature: float, gamma: float | None):
+        B, L, V = student.shape
+        used = L - 1 if kind == "ce" else L
+        n, T = B * used, temperature
+        rows = max(1, _CHUNK_ELEMENTS // V)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        if grad is not None and used < L:
+            grad[:, used:].zero_()
+        w_f = {"kl": 1.0, "reverse_kl": 0.0, "ce": 1.0}.get(kind, gamma)  # weight of the forward KL
+        scale = (1.0 if kind == "ce" else T) / n
+        total = 0.0
+        for b in range(B):
+            for i in range(0, used, rows):
+                sl = slice(i, min(i + rows, used))
+                s = student[b, sl].float()
+                ls = torch.log_softmax(s if T == 1 else s / T, -1)
+                out = None if grad is None else grad[b, sl] if grad.dtype == torch.float32 else torch.empty_like(ls)
+                if kind == "ce":
+                    tgt = target[b, sl].unsqueeze(-1)
+                    total -= float(ls.gather(-1, tgt).sum())
+                    if out is not None:
+                        torch.exp(ls, out=out).scatter_add_(-1, tgt, out.new_full(tgt.shape, -1.0)).mul_(scale)
+                else:
+                    t = teacher[b, sl].float()
+                    lt = torch.log_softmax(t if T == 1 else t / T, -1)
+                    ps = None if w_f == 1 and out is None else torch.exp(ls, out=out)  # ps, in the gradient's place
+                    d = ls.sub_(lt)  # ls - lt
+                    pt = lt.exp_()
+                    if w_f > 0:
+                        total -= w_f * float(torch.mul(pt, d).sum())  # kl = sum pt (lt - ls)
+                    if w_f < 1:
+                        r = torch.mul(ps, d).sum(-1, keepdim=True)
+                        total += (1 - w_f) * float(r.sum())
+                    if out is not None:  # out holds ps; make it w_f (ps - pt) + (1 - w_f) ps (d - r)
+                        if w_f < 1:
+                            d.sub_(r).mul_(ps).mul_(1 - w_f)
+                        if w_f > 0:
+                            ps.sub_(pt).mul_(w_f)
+                        if w_f < 1:
+                            out.add_(d) if w_f > 0 else out.copy_(d)
+                        out.mul_(scale)
+                if out is not None and out.data_ptr() != grad[b, sl].data_ptr():
+                    grad[b, sl] = out
+        ctx.save_for_backward(grad)
+        loss = total / n * (1.0 if kind == "ce" else T * T)
+        return student.new_tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return grad * go.to(grad.dtype), None, None, None, None, None
+
+
+def _fused(kind: str, student_logits, teacher_logits, input_ids, temperature: float = 1.0, gamma=None):
+    """The chunked loss when the lever is on and it applies (3-D logits, no gradient wanted for the teacher's)."""
+    if not LEVERS.fused_loss or student_logits.dim() != 3:
+        return None
+    if teacher_logits is not None and (teacher_logits.requires_grad or teacher_logits.shape != student_logits.shape):
+        return None
+    target = input_ids[:, 1:] if kind == "ce" else None
+    return _ChunkedLogitsLoss.apply(student_logits, teacher_logits, target, kind, float(temperature), gamma)
+
+
 def _kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
     ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
     lt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -72,17 +155,26 @@ def _kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 def forward_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of KL(P_T || P_S), times T^2."""
+    fused = _fused("kl", student_logits, teacher_logits, None, temperature)
+    if fused is not None:
+        return fused
     ls, lt = _kl_terms(student_logits, teacher_logits, temperature)
     return (lt.exp() * (lt - ls)).sum(-1).mean() * temperature**2
 
 
 def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of KL(P_S || P_T), times T^2."""
+    fused = _fused("reverse_kl", student_logits, teacher_logits, None, temperature)
+    if fused is not None:
+        return fused
     ls, lt = _kl_terms(student_logits, teacher_logits, temperature)
     return (ls.exp() * (ls - lt)).sum(-1).mean() * temperature**2
 
 
 def cakld(student_logits, teacher_logits, gamma: float, temperature: float = 1.0) -> torch.Tensor:
+    fused = _fused("cakld", student_logits, teacher_logits, None, temperature, float(gamma))
+    if fused is not None:
+        return fused
     ls, lt = _kl_terms(student_logits, teacher_logits, temperature)
     fkl = (lt.exp() * (lt - ls)).sum(-1).mean()
     rkl = (ls.exp() * (ls - lt)).sum(-1).mean()
@@ -90,6 +182,9 @@ def cakld(student_logits, teacher_logits, gamma: float, temperature: float = 1.0
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    fused = _fused("ce", logits, None, input_ids)
+    if fused is not None:
+        return fused
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 

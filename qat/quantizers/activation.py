@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 
 import torch
-from qat_kernels.act_quant import fake_quant_knee_per_token, fake_quant_per_token, knee_levels
+from qat_kernels.act_quant import fake_quant_knee_per_token, fake_quant_per_token, knee_levels, per_token_scale_zero
 from torch import nn
 
 from qat.config import ActSpec, QuantConfigError
-from qat.quantizers.base import ste_round
+from qat.quantizers.base import fake_quant, ste_round
+from qat.speed import LEVERS
 
 _CLIP_INIT = 4.0  # sigmoid(4) = 0.982: nearly unclipped, with a gradient that still moves (OmniQuant's LWC init)
 _KNEE_INIT = 0.0  # sigmoid(0) = 0.5 of the clip value until init_from() calibrates it
@@ -47,6 +48,7 @@ class ActQuantizer(nn.Module):
         self.spec = spec
         self.in_features = in_features
         self.bits, self.mode, self.sym = spec.bits, spec.mode, spec.sym
+        self._qmax_sym = 2 ** (spec.bits - 1) - 1  # symmetric codes lie in [-qmax, qmax] (qat_kernels.act_quant)
         # per-layer scalars; the *_min_* logits (negative side) exist only for asymmetric grids
         self.clip_max_logit = nn.Parameter(torch.tensor(_CLIP_INIT))
         self.clip_min_logit = None if self.sym else nn.Parameter(torch.tensor(_CLIP_INIT))
@@ -89,7 +91,13 @@ class ActQuantizer(nn.Module):
         round_fn = ste_round if self.training else torch.round
         clip_hi, clip_lo = self.clip_factors()
         if self.mode == "uniform":
-            return fake_quant_per_token(x, self.bits, clip_hi, clip_lo, self.sym, round_fn=round_fn)
+            if not LEVERS.fused_quant:
+                return fake_quant_per_token(x, self.bits, clip_hi, clip_lo, self.sym, round_fn=round_fn)
+            # fake_quant_per_token's ops with the elementwise part fused (qat.quantizers.base.fake_quant): the
+            # per-token scale/zero stay in autograd, so gradients still reach x through the token's range
+            scale, zero = per_token_scale_zero(x, self.bits, clip_hi, clip_lo, self.sym, round_fn)
+            lo, hi = (-self._qmax_sym, self._qmax_sym) if self.sym else (0, 2**self.bits - 1)
+            return fake_quant(x.float(), scale, zero, lo, hi).to(x.dtype)
         knee_hi, knee_lo = self.knee_factors()
         return fake_quant_knee_per_token(
             x, self.bits, clip_hi, clip_lo, knee_hi, knee_lo, self.sym, levels_out=self.levels_out,

@@ -16,12 +16,14 @@ weight itself: QuantLinear owns that, so checkpoints keep the original parameter
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
 
 from qat.config import QuantConfigError, WeightSpec
+from qat.speed import LEVERS
 
 
 class WeightQuantizer(nn.Module, ABC):
@@ -56,6 +58,11 @@ class WeightQuantizer(nn.Module, ABC):
     def bits_per_weight(self) -> float:
         """Stored bits per weight including every piece of metadata."""
 
+    def cache_state(self) -> tuple:
+        """Non-tensor state the forward depends on (modes, overrides); QuantLinear's eval-mode weight cache keys on it
+        together with the parameters' and buffers' version counters."""
+        return ()
+
     def extra_repr(self) -> str:
         return f"{self.format}, bits={self.spec.bits}, bpw={self.bits_per_weight:.3f}"
 
@@ -63,6 +70,64 @@ class WeightQuantizer(nn.Module, ABC):
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """round() in the forward pass, identity gradient in the backward pass."""
     return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_reference(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(clamp(ste_round(x / s) + z, lo, hi) - z) * s through autograd: the reference fake_quant() must match."""
+    return (torch.clamp(ste_round(x / s) + z, lo, hi) - z) * s
+
+
+class _FakeQuant(torch.autograd.Function):
+    """fake_quant_reference() with the gradients autograd gives it, in a few in-place passes over x.
+
+    Value: the reference's own ops in its order (ste_round(v) == round(v) bit for bit), so the result is identical.
+    Gradients, with inside = (lo <= round(x / s) + z <= hi), summed over what s and z broadcast over:
+        d/dx = inside                                   (straight-through round, clamp mask)
+        d/ds = (out - inside * x) / s                   (= (q - z) - inside * x / s: LSQ)
+        d/dz = -s * (1 - inside)
+    Saved for backward: the inside mask as float32 (torch's bool kernels are scalar loops on CPU, 10-20x slower than
+    a float multiply) and the output; x is the caller's (usually the latent weight itself).
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, z, lo: int, hi: int):
+        t = torch.div(x, s).round_().add_(z)
+        q = torch.clamp(t, lo, hi)
+        inside = torch.eq(q, t, out=t)  # float 1/0, reusing t's memory
+        out = q.sub_(z).mul_(s)
+        ctx.save_for_backward(x, s, z, inside, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, z, inside, out = ctx.saved_tensors
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        g_in = g * inside if (need_x or need_z) else None
+        gs = gz = None
+        if need_s:  # out - x is exact where they are close (Sterbenz), so no cancellation in the group sum
+            gs = torch.addcmul(out, inside, x, value=-1).mul_(g).sum_to_size(s.shape).div_(s)
+        if need_z:  # sum(g) - sum(g_in) is exactly 0 for a group with nothing clamped, as in the reference
+            gz = (g.sum_to_size(z.shape) - g_in.sum_to_size(z.shape)).mul_(-s)
+        return g_in if need_x else None, gs, gz, None, None
+
+
+def fake_quant(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Uniform fake quantization (clamp(round(x / s) + z, lo, hi) - z) * s with a straight-through round: the fused
+    path (qat.speed lever fused_quant), or the autograd reference. x, s, z float32; s and z broadcast over x; z
+    integer-valued (the callers round it)."""
+    if not LEVERS.fused_quant:
+        return fake_quant_reference(x, s, z, lo, hi)
+    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or z.requires_grad)):
+        return torch.div(x, s).round_().add_(z).clamp_(lo, hi).sub_(z).mul_(s)
+    if LEVERS.compile_quant:
+        return _compiled_reference()(x, s, z, lo, hi)
+    return _FakeQuant.apply(x, s, z, lo, hi)
+
+
+@functools.cache
+def _compiled_reference():
+    """fake_quant_reference through torch.compile (dynamic shapes: one compile serves every layer shape)."""
+    return torch.compile(fake_quant_reference, dynamic=True)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

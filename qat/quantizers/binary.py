@@ -34,6 +34,7 @@ from torch import nn
 from qat.config import QuantConfigError, WeightSpec
 from qat.ptq.gptq import gptq_sequential
 from qat.quantizers.base import WeightQuantizer, check_finite
+from qat.speed import LEVERS
 from qat_kernels.packing import pack_bits
 from qat_kernels.reference import dequant_binary11
 
@@ -109,6 +110,63 @@ def em_binary11(w: torch.Tensor, importance: torch.Tensor | None = None, iters: 
     return alpha, mu, _assign(w, alpha, mu)  # final bitmap for the stored (rounded) parameters
 
 
+class _PairMix(torch.autograd.Function):
+    """Binary11Quantizer's forward without a graph over [out, in, 2] tensors: the same values bit for bit and the
+    gradients autograd gives _reference_forward (plain STE through sign, ste_clip None).
+
+    Pair k of a weight is p_k = alpha_k * B_k + mu_k with B_k = sign(W - mu_k) (sign(0) = +1): B_k is copysign(1, W -
+    mu_k), and B_k * alpha_k + mu_k is exactly the reference's alpha_k * (B_k + 0) + mu_k. The mix is the
+    reference's (1 - G) * p0 + G * p1: G = clamp(bitmap_fp, 0, 1) ("soft"), or the hard bit as 0./1. ("hard",
+    "hard_ste"), for which that sum is exactly p0 or p1, i.e. torch.where(bit, p1, p0). Gradients, with u1 = g * G,
+    u0 = g - u1 (upstream g):
+        W        u0 * alpha_0 + u1 * alpha_1     (STE through the signs)
+        alpha_k  sum over the group of u_k * B_k;   mu_k: sum of u_k
+        G_FP     g * (p1 - p0) * 1[0 <= G_FP <= 1]    ("soft" and "hard_ste"; none once hardened)
+    Float 0/1 masks throughout: torch's bool kernels are scalar loops on CPU. a_k, m_k are [out, ng, 1], the rest
+    [out, ng, g].
+    """
+
+    @staticmethod
+    def forward(ctx, w, a0, a1, m0, m1, bitmap_fp, mode: str):
+        one = w.new_ones(())
+        b0 = torch.copysign(one, torch.sub(w, m0))  # sign(W - mu_k) with sign(+0) = +1, as _sign()
+        b1 = torch.copysign(one, torch.sub(w, m1))
+        p0, p1 = torch.addcmul(m0, b0, a0), torch.addcmul(m1, b1, a1)
+        if mode == "soft":
+            G = bitmap_fp.clamp(0, 1)
+        else:
+            G = torch.ge(bitmap_fp, 0.5, out=torch.empty_like(w))  # the hard bit as 1. / 0.
+        w_hat = torch.rsub(G, 1).mul_(p0).add_(G * p1)
+        cm = None
+        if mode != "hard" and ctx.needs_input_grad[5]:  # clamp mask of the relaxed bitmap, as a float
+            rel = G if mode == "soft" else bitmap_fp.clamp(0, 1)
+            cm = torch.eq(rel, bitmap_fp, out=torch.empty_like(w))
+        ctx.mode = mode
+        ctx.save_for_backward(a0, a1, m0, m1, b0, b1, G, cm)
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, g):
+        a0, a1, m0, m1, b0, b1, G, cm = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        u1 = g * G
+        u0 = g - u1
+        gw = ga0 = ga1 = gm0 = gm1 = gbm = None
+        if need[0]:
+            gw = torch.mul(u0, a0).add_(torch.mul(u1, a1))
+        if need[1]:
+            ga0 = torch.mul(u0, b0).sum_to_size(a0.shape)
+        if need[2]:
+            ga1 = torch.mul(u1, b1).sum_to_size(a1.shape)
+        if need[3]:
+            gm0 = u0.sum_to_size(m0.shape)
+        if need[4]:
+            gm1 = u1.sum_to_size(m1.shape)
+        if need[5] and cm is not None:
+            gbm = torch.addcmul(m1, b1, a1).sub_(torch.addcmul(m0, b0, a0)).mul_(g).mul_(cm)
+        return gw, ga0, ga1, gm0, gm1, gbm, None
+
+
 class Binary11Quantizer(WeightQuantizer):
     format = "binary11"
 
@@ -140,6 +198,9 @@ class Binary11Quantizer(WeightQuantizer):
 
     def _sync_hardened(self) -> None:
         self._hard = bool(self.hardened)
+
+    def cache_state(self) -> tuple:
+        return (self._hard, self._bitmap_forward, self.ste_clip)
 
     @property
     def is_hard(self) -> bool:
@@ -182,6 +243,17 @@ class Binary11Quantizer(WeightQuantizer):
         return pairs[..., 0], pairs[..., 1]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not LEVERS.fused_quant or self.ste_clip is not None:
+            return self._reference_forward(weight)
+        mode = "hard" if self._hard else self.bitmap_forward
+        a, m = self.pair_params()
+        w = weight.float().reshape(self.out_features, self.n_groups, self.group_size)
+        w_hat = _PairMix.apply(w, a[..., 0:1], a[..., 1:2], m[..., 0:1], m[..., 1:2],
+                               self.bitmap_fp.reshape(w.shape), mode)
+        return w_hat.reshape(self.out_features, self.in_features)
+
+    def _reference_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The forward through autograd (what _PairMix reproduces; ste_clip runs here)."""
         p0, p1 = self._pair_values(weight)
         shape = p0.shape
         if self._hard or self.bitmap_forward == "hard_ste":

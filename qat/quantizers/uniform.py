@@ -18,12 +18,37 @@ from torch import nn
 
 from qat.config import WeightSpec
 from qat.ptq.gptq import gptq_sequential
-from qat.quantizers.base import WeightQuantizer, check_finite, ste_round
+from qat.quantizers.base import WeightQuantizer, check_finite, fake_quant, ste_round
+from qat.speed import LEVERS
 from qat_kernels.packing import pack_bits
 from qat_kernels.reference import dequant_uniform
 
 _MIN_SCALE = 1e-5  # keeps all-zero groups finite; representable in fp16 (subnormal)
 _LWC_INIT = 4.0  # OmniQuant's init: sigmoid(4) = 0.982 of the min/max range
+
+
+class _FrozenAffine(torch.autograd.Function):
+    """(q - z) * s for fixed integer codes q, with d/ds = q - z and d/dz = -s summed over each group; saves nothing
+    but q (held by FrozenCodes anyway), s and z."""
+
+    @staticmethod
+    def forward(ctx, q, s, z):
+        ctx.save_for_backward(q, s, z)
+        return torch.sub(q, z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, s, z = ctx.saved_tensors
+        gs = torch.sub(q, z).mul_(g).sum_to_size(s.shape) if ctx.needs_input_grad[1] else None
+        gz = g.sum_to_size(z.shape) * -s if ctx.needs_input_grad[2] else None
+        return None, gs, gz
+
+
+def frozen_affine(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(q - z) * s (s, z broadcast over q): the fused path (qat.speed lever fused_quant) or plain autograd."""
+    if not LEVERS.fused_quant or not (torch.is_grad_enabled() and (s.requires_grad or z.requires_grad)):
+        return (q - z) * s
+    return _FrozenAffine.apply(q, s, z)
 
 
 class UniformQuantizer(WeightQuantizer):
@@ -43,6 +68,8 @@ class UniformQuantizer(WeightQuantizer):
             self.zero = nn.Parameter(torch.zeros(shape), requires_grad=not spec.sym)
             if spec.sym:
                 self.zero.data.fill_(2 ** (spec.bits - 1))
+        # integer codes [out, n_groups, group_size] held fixed by qat.distill.codes.FrozenCodes (None: LSQ forward)
+        self.frozen_codes: torch.Tensor | None = None
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
@@ -75,14 +102,21 @@ class UniformQuantizer(WeightQuantizer):
         z = torch.clamp(ste_round(z), 0, self.qmax)
         return s, z
 
+    def cache_state(self) -> tuple:
+        c = self.frozen_codes
+        return () if c is None else (id(c), c._version)
+
     # ---- contract ---------------------------------------------------------------------------------------------
     def _codes(self, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.clamp(ste_round(self._grouped(weight.float()) / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         s, z = self.scale_zero(weight)
-        q = self._codes(weight, s, z)
-        return ((q - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        if self.frozen_codes is not None:  # qat.distill.codes.FrozenCodes: w_hat = (q - z) * s with q held fixed
+            w_hat = frozen_affine(self.frozen_codes, s.unsqueeze(-1), z.unsqueeze(-1))
+        else:  # == ((self._codes(weight, s, z) - z) * s) bit for bit, with a fused backward (base.fake_quant)
+            w_hat = fake_quant(self._grouped(weight.float()), s.unsqueeze(-1), z.unsqueeze(-1), 0, self.qmax)
+        return w_hat.reshape(self.out_features, self.in_features)
 
     @torch.no_grad()
     def init_from(self, weight, *, hessian=None, act_order: bool = False, damp: float = 0.01, block_size: int = 128,

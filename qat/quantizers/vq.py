@@ -29,6 +29,7 @@ from torch import nn
 from qat.config import QuantConfigError, WeightSpec
 from qat.ptq.gptq import gptq_sequential
 from qat.quantizers.base import WeightQuantizer, check_finite
+from qat.speed import LEVERS
 from qat_kernels.hadamard import (block_hadamard, block_hadamard_inverse, hadamard_block_size, hadamard_matrix,
                                   random_signs)
 from qat_kernels.packing import pack_bits
@@ -38,6 +39,7 @@ DGE_K = 5.0
 DGE_GMAX = 3.0
 _CODE_VAR = 1.25  # Var(Uniform{0,1,2,3}): A = Q / sqrt(1.25) maps z to unit-variance coordinates
 _MAX_EXHAUSTIVE = 4096  # codebooks up to this size are searched exhaustively (4^6); larger d round in z-space
+_MAX_TABLE = 65536  # the fused forward gathers from a table of every codeword up to this size (4^8)
 _MIN_SCALE = 1e-4
 
 
@@ -64,6 +66,49 @@ class _DGERound(torch.autograd.Function):
 def dge_round(v: torch.Tensor, qmax: int = 3, k: float = DGE_K, g_max: float = DGE_GMAX) -> torch.Tensor:
     """clamp(round(v), 0, qmax) with the DGE backward."""
     return _DGERound.apply(v, qmax, k, g_max)
+
+
+class _CodebookDecode(torch.autograd.Function):
+    """latent U -> rotated-space weight Ŵ = vq_affine_decode(dge_round(c·U + q/2), A, b) in a few passes, with the
+    gradients autograd gives that composition.
+
+    Value: each d-vector of codes z is one of (q+1)^d codewords; the table C = vq_affine_decode(every z, A, b) holds
+    them, computed by the very ops (and order) vq_affine_decode applies per weight, so gathering row
+    idx(z) = Σ_j z_j (q+1)^j of C is the elementwise decode bit for bit. Gradients (N vectors, g the upstream [N, d]):
+        A: gᵀ z   b: Σ_n g   U: (g A) ⊙ DGE'(v) · c
+    The DGE derivative is computed in the forward (only when U needs a gradient) and saved with z.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, A, b, c: float, qmax: int, k: float, g_max: float):
+        d = A.shape[0]
+        out_f, n = weight.shape
+        v = weight.float() * c + qmax / 2  # the reference's two ops, in its order
+        z = torch.clamp(torch.round(v), 0, qmax).contiguous()
+        zv = z.view(-1, d)
+        radix = (qmax + 1) ** torch.arange(d, dtype=torch.float32, device=z.device)
+        grid = torch.stack(torch.meshgrid(*[torch.arange(qmax + 1, dtype=torch.float32, device=z.device)] * d,
+                                          indexing="ij")[::-1], -1).reshape(1, -1)  # row i = the digits of i
+        C = vq_affine_decode(grid, A, b).reshape(-1, d)
+        w_rot = C.index_select(0, (zv @ radix).long()).view(out_f, n)
+        dge = dge_derivative(v, qmax, k, g_max) if ctx.needs_input_grad[0] else None
+        ctx.c = c
+        ctx.save_for_backward(A, z, dge)
+        return w_rot
+
+    @staticmethod
+    def backward(ctx, g):
+        A, z, dge = ctx.saved_tensors
+        d = A.shape[0]
+        gv, zv = g.reshape(-1, d), z.view(-1, d)
+        gw = gA = gb = None
+        if ctx.needs_input_grad[0]:
+            gw = (gv @ A).view(z.shape).mul_(dge).mul_(ctx.c)
+        if ctx.needs_input_grad[1]:
+            gA = gv.t() @ zv
+        if ctx.needs_input_grad[2]:
+            gb = gv.sum(0)
+        return gw, gA, gb, None, None, None, None
 
 
 # ---- transforms (all in float, T = diag(signs) blockdiag(H)) ---------------------------------------------------------
@@ -121,6 +166,9 @@ class VQQuantizer(WeightQuantizer):
         """The fixed orthogonal Q of A = Q / σ: a Sylvester Hadamard matrix when d is a power of two, else I."""
         return hadamard_matrix(d) if d & (d - 1) == 0 else torch.eye(d)
 
+    def cache_state(self) -> tuple:
+        return (self.block_in, self.block_out)
+
     # ---- forward --------------------------------------------------------------------------------------------------
     def fp16_params(self):
         """(A, b, s_U, s_V) as used in the forward and stored: fp16-rounded, float32, gradient straight through."""
@@ -139,7 +187,12 @@ class VQQuantizer(WeightQuantizer):
                               block_in=self.block_in, block_out=self.block_out)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._decode(self.latent_to_codes(weight))
+        if not LEVERS.fused_quant or (self.qmax + 1) ** self.vq_dim > _MAX_TABLE:
+            return self._decode(self.latent_to_codes(weight))
+        A, b, s_u, s_v = self.fp16_params()
+        w_rot = _CodebookDecode.apply(weight, A, b, self.latent_scale, self.qmax, DGE_K, DGE_GMAX)
+        return vq_untransform(w_rot, s_u, s_v, self.signs_in, self.signs_out, block_in=self.block_in,
+                              block_out=self.block_out)
 
     # ---- storage --------------------------------------------------------------------------------------------------
     @torch.no_grad()
