@@ -88,6 +88,9 @@ def preflight(recipe: Recipe, resume: str | None, overwrite: bool) -> dict:
                 raise RecipeError(f"PTQ student {recipe.student!r} has {k}={cfg_s.get(k)}, the model "
                                   f"{str(model_dir)!r} has {cfg_t.get(k)}")
     recipe.check_spec(spec)
+    from qat.distill.memory import check_memory
+
+    check_memory(recipe.memory, [s.optim.name for s in recipe.stages], _device(recipe.device))
     for path, what in ((recipe.data.train_file, "data.train_file"), (recipe.eval.file, "eval.file")):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
@@ -166,6 +169,15 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
             init = {"ptq": {"method": pt.method, "calib_samples": pt.calib_samples, "seq_len": pt.seq_len,
                             "seconds": round(time.time() - t0, 1)}}
     student.to(device)
+    if recipe.memory.teacher != "fp":  # the student came from the FP weights; the targets come from int8/nf4 now
+        from qat.distill.memory import load_teacher
+
+        del teacher
+        teacher = load_teacher(model_dir, device, recipe.memory.teacher)
+    if recipe.memory.grad_checkpointing:
+        from qat.distill.memory import ActivationCheckpointing
+
+        ActivationCheckpointing(student)
     designed = P.snapshot_trainable(student)
     P.freeze_all(student)
 

@@ -1,0 +1,2 @@
+"""Fine-tuning the low-bit model: peft LoRA / QA-LoRA adapters on a frozen student or export (`qat finetune`), and
+merging them back into the low-bit weights (`qat merge`). See docs/FINETUNE.md."""
