@@ -342,6 +342,16 @@ def test_approximate_merge_adds_the_delta_to_the_latent_weights(lora_run, tiny, 
         want = student.get_submodule(name).weight + adapter.get_submodule(name).get_delta_weight("default").float()
         assert torch.equal(m.weight, want)
         assert not m.spec.weight.float_zero
+    # a short stage-1 pass against the adapter model brings the merged student closer to it
+    refined = merge_adapter(tiny / "student", lora_run["out"], tmp_path / "r", mode="approx", refine_steps=4,
+                            data=tiny / "train.txt", refine_samples=8, seq_len=32)
+    assert refined["refine"]["history"][-1]["steps"] == 3 * 4  # 4 steps for each of the 3 blocks
+    assert refined["check"]["max_abs_logit_diff"] < 0.9 * report["check"]["max_abs_logit_diff"]
+    with pytest.raises(ValueError, match="the exact merge needs none"):
+        merge_adapter(tiny / "student", lora_run["out"], tmp_path / "x", mode="exact", refine_steps=2,
+                      data=tiny / "train.txt")
+    with pytest.raises(FileNotFoundError, match="--refine-steps needs --data"):
+        merge_adapter(tiny / "student", lora_run["out"], tmp_path / "x", refine_steps=2)
 
 
 def test_float_zero_quantizer_packs_bit_exactly():

@@ -106,12 +106,9 @@ def preflight(recipe: Recipe, resume: str | None, overwrite: bool) -> dict:
 
 def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, callbacks=(),
                 tensorboard: bool = True) -> dict:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from qat.checkpoint import load_student, save_student
     from qat.distill import params as P
-    from qat.distill.callbacks import DistillCheckpoint, StageProgressBar, write_summary_png
+    from qat.distill.callbacks import DistillCheckpoint, write_summary_png
     from qat.distill.data import corpus_windows, eval_ids, teacher_windows
     from qat.distill.module import DistillModule
     from qat.models import get_adapter
@@ -187,22 +184,8 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
                          last_checkpoint=lambda: str(ckpt_cb.last_path) if ckpt_cb.last_path else None)
     module = DistillModule(ctx, recipe, ev_ids)
     ctx.backward = module.manual_backward
-    cbs = [ckpt_cb, *callbacks]
-    if recipe.progress:
-        cbs.insert(0, StageProgressBar())
-    logger = TensorBoardLogger(str(run_dir), name="tb", version="") if tensorboard else False
-    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1, max_steps=-1,
-                      precision=recipe.precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=recipe.progress, num_sanity_val_steps=0,
-                      limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
-        warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # by design, see quantizer_train_mode
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+    fit(module, device=device, run_dir=run_dir, precision=recipe.precision, progress=recipe.progress,
+        callbacks=[ckpt_cb, *callbacks], tensorboard=tensorboard, ckpt=ckpt)
     if not module.finished:
         raise TrainingIncompleteError(f"training stopped before the last stage finished (at stage "
                                       f"{module.stage_index}); continue with --resume last")
@@ -218,3 +201,28 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     (out / "distill_history.json").write_text(json.dumps(module.history, indent=2, default=str))
     return {"output": str(out), "run_dir": str(run_dir), "history": module.history, "png": str(png),
             "global_steps": module.global_step_, "seconds": round(time.time() - t_start, 1), "module": module}
+
+
+def fit(module, *, device: torch.device, run_dir: Path, precision: str, progress: bool, callbacks, tensorboard: bool,
+        ckpt: Path | None = None) -> None:
+    """Lightning fit of a tick-driven module (DistillModule, FinetuneModule: one optimizer step per tick, manual
+    optimization, own checkpoint callback); TensorBoard in <run_dir>/tb, the stage progress bar when `progress`."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from qat.distill.callbacks import StageProgressBar
+
+    cbs = [StageProgressBar(), *callbacks] if progress else list(callbacks)
+    logger = TensorBoardLogger(str(run_dir), name="tb", version="") if tensorboard else False
+    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1, max_steps=-1,
+                      precision=precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
+                      enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+                      limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
+        warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # by design, see quantizer_train_mode
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)

@@ -12,6 +12,8 @@ exact   (uniform weight-only students, QA-LoRA adapters with the student's group
 approx  (every format) latent weight += D (in the layer's rotated coordinates when it rotates its input), then the
         student's own quantizer re-derives codes from it with its trained parameters. A delta much smaller than the
         quantization step flips few codes, so most of the adapter's gain can be lost (docs/FINETUNE.md measures it).
+        --refine-steps N then runs a short stage-1 pass (qat/distill/blockwise.py, N steps per block, latent weights
+        and quantizer parameters) with the adapter model as the teacher, on windows of --data.
 auto    exact when the adapter and the student allow it, else approx.
 Adapters on floating-point layers (e.g. lm_head) are merged by W += D in both modes.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,11 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="merged student checkpoint to write")
     p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="approx: stage-1 steps per block against the adapter model afterwards (0 = none)")
+    p.add_argument("--data", default=None, help="text for --refine-steps (e.g. the fine-tuning data)")
+    p.add_argument("--refine-samples", type=int, default=16, help="windows of --data for --refine-steps")
+    p.add_argument("--seq-len", type=int, default=512, help="window length for --refine-steps")
     p.set_defaults(func=run)
 
 
@@ -100,7 +108,47 @@ def _float_zero_copy(layer, spec) -> None:
     layer.weight_quantizer, layer.spec = new, spec
 
 
-def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overwrite: bool = False) -> dict:
+def refine(student, teacher, spec, data, *, steps: int, samples: int, seq_len: int, tokenizer, progress: bool = False,
+           batch_size: int = 2) -> list[dict]:
+    """A short stage-1 pass: every block of `student` (latent weights + quantizer parameters, one window per block)
+    against the same block of `teacher` (the adapter model), through the distillation trainer. Returns its history."""
+    import shutil
+    import tempfile
+
+    from qat.distill import params as P
+    from qat.distill.data import corpus_windows
+    from qat.distill.module import DistillModule
+    from qat.distill.recipe import recipe_from_dict
+    from qat.distill.run import fit
+    from qat.distill.stage import DistillContext
+    from qat.models import get_adapter
+
+    run_dir = Path(tempfile.mkdtemp(prefix="qat-merge-refine-"))
+    try:
+        recipe = recipe_from_dict({
+            "quant": spec.to_dict(), "data": {"train_file": str(data), "seq_len": seq_len, "num_samples": samples},
+            "eval": {"file": None}, "output": str(run_dir / "unused"), "run_dir": str(run_dir), "progress": progress,
+            "stages": [{"kind": "blockwise", "name": "refine", "train": ["latent", "wq"], "steps": steps,
+                        "batch_size": batch_size, "loss": {"kind": "cosine"},
+                        "optim": {"lr": {"latent": 1e-4, "wq": 1e-3}}}]})
+        ids = corpus_windows(recipe.data, tokenizer, samples, seq_len, recipe.seed)
+        designed = P.snapshot_trainable(student)
+        P.freeze_all(student)
+        device = next(student.parameters()).device
+        ctx = DistillContext(student=student, teacher=teacher, adapter=get_adapter(student), spec=spec, train_ids=ids,
+                             device=device, run_dir=run_dir, designed=designed)
+        module = DistillModule(ctx, recipe, None)
+        ctx.backward = module.manual_backward
+        fit(module, device=device, run_dir=run_dir, precision="32-true", progress=progress, callbacks=[],
+            tensorboard=False)
+        P.freeze_all(student)
+        return module.history
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overwrite: bool = False,
+                  refine_steps: int = 0, data=None, refine_samples: int = 16, seq_len: int = 512) -> dict:
     """Merge and save; returns a report (mode, merged layers, the exact merge's worst bound ratio, the check)."""
     import dataclasses
 
@@ -114,6 +162,12 @@ def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overw
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; choose one of {', '.join(MODES)}")
     check_output_dir(output, overwrite)
+    if refine_steps < 0 or refine_samples < 1 or seq_len < 2:
+        raise ValueError("need --refine-steps >= 0, --refine-samples >= 1 and --seq-len >= 2")
+    if refine_steps and mode == "exact":
+        raise ValueError("--refine-steps refines an approximate merge; the exact merge needs none (use --mode approx)")
+    if refine_steps and not (data and Path(data).is_file()):
+        raise FileNotFoundError(f"--refine-steps needs --data, a text file ({data!r} does not exist)")
     if base_kind(student_dir) != "student":
         raise ValueError(f"--student {str(student_dir)!r} is not a student checkpoint (merge into the `qat ptq` / "
                          "`qat distill` checkpoint the adapter or its export came from)")
@@ -123,7 +177,7 @@ def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overw
     why = exact_reason(spec, config)
     if mode == "exact" and why is not None:
         raise ValueError(f"--mode exact: {why}; use --mode approx")
-    exact = mode != "approx" and why is None
+    exact = mode != "approx" and why is None and not refine_steps
 
     model, tok, _ = load_base(student_dir)
     peft_model = load_adapter(model, adapter_dir)  # checks shapes and the base fingerprint
@@ -154,6 +208,17 @@ def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overw
         for m in merged.modules():
             if isinstance(m, QuantLinear) and m.spec is not new_spec:
                 _float_zero_copy(m, new_spec)
+    history = None
+    if refine_steps:
+        from qat.finetune.base import meta_base
+        from qat.finetune.lora import load_adapter as reload
+
+        teacher = reload(load_base(student_dir)[0], adapter_dir).get_base_model()  # the un-merged adapter model
+        skeleton = meta_base(student_dir)
+        for name, p in merged.named_parameters():  # trainable as designed (a symmetric grid's zero never is)
+            p.requires_grad_(skeleton.get_parameter(name).requires_grad)
+        history = refine(merged, teacher, spec, data, steps=refine_steps, samples=refine_samples, seq_len=seq_len,
+                         tokenizer=tok)
     merged.eval()
     with torch.no_grad():
         got = merged(input_ids=check_ids, use_cache=False).logits.double()
@@ -161,6 +226,8 @@ def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overw
              "max_abs_logit": float(ref.abs().max())}
     info = {"merge": {"mode": "exact" if exact else "approx", "adapter": str(adapter_dir), "student": str(student_dir),
                       "layers": len(layers), "exact_bound_ratio": worst if exact else None, "check": check,
+                      **({"refine": {"steps_per_block": refine_steps, "data": str(data), "samples": refine_samples,
+                                     "seq_len": seq_len, "history": history}} if refine_steps else {}),
                       **({"why_not_exact": why} if why and not exact else {})}}
     out_meta = {k: v for k, v in meta.items() if k not in ("spec", "quantized", "bits_per_weight", "quantized_params",
                                                           "fp_params", "format_version")}
@@ -169,7 +236,10 @@ def merge_adapter(student_dir, adapter_dir, output, *, mode: str = "auto", overw
 
 
 def run(args: argparse.Namespace) -> int:
-    r = merge_adapter(args.student, args.adapter, args.output, mode=args.mode, overwrite=args.overwrite)
+    r = merge_adapter(args.student, args.adapter, args.output, mode=args.mode, overwrite=args.overwrite,
+                      refine_steps=args.refine_steps, data=args.data, refine_samples=args.refine_samples,
+                      seq_len=args.seq_len)
+    r.pop("refine", None)
     print(json.dumps(r))
     return 0
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from qat.distill.recipe import RecipeError
-from qat.distill.run import CKPT_DIR, TrainingIncompleteError, _device
+from qat.distill.run import CKPT_DIR, TrainingIncompleteError, _device, fit
 from qat.finetune.recipe import FinetuneRecipe
 
 
@@ -107,13 +106,11 @@ def preflight(recipe: FinetuneRecipe, resume: str | None, overwrite: bool) -> di
 
 def run_finetune(recipe: FinetuneRecipe, *, resume: str | None = None, overwrite: bool = False, callbacks=(),
                  tensorboard: bool = True) -> dict:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.loggers import TensorBoardLogger
     from peft import get_peft_model
 
     from qat.config import QuantSpec
     from qat.distill import params as P
-    from qat.distill.callbacks import DistillCheckpoint, StageProgressBar, write_summary_png
+    from qat.distill.callbacks import DistillCheckpoint, write_summary_png
     from qat.distill.data import eval_ids
     from qat.distill.memory import ActivationCheckpointing, load_teacher
     from qat.distill.stage import DistillContext
@@ -154,22 +151,8 @@ def run_finetune(recipe: FinetuneRecipe, *, resume: str | None = None, overwrite
                          last_checkpoint=lambda: str(ckpt_cb.last_path) if ckpt_cb.last_path else None)
     module = FinetuneModule(ctx, recipe.stage_spec(), recipe.eval, ev_ids, fingerprint)
     ctx.backward = module.manual_backward
-    cbs = [ckpt_cb, *callbacks]
-    if recipe.progress:
-        cbs.insert(0, StageProgressBar())
-    logger = TensorBoardLogger(str(run_dir), name="tb", version="") if tensorboard else False
-    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1, max_steps=-1,
-                      precision=recipe.precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=recipe.progress, num_sanity_val_steps=0,
-                      limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
-        warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # by design: the deployed forward
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+    fit(module, device=device, run_dir=run_dir, precision=recipe.precision, progress=recipe.progress,
+        callbacks=[ckpt_cb, *callbacks], tensorboard=tensorboard, ckpt=ckpt)
     if not module.finished:
         raise TrainingIncompleteError("training stopped before the adapter finished; continue with --resume last")
 
