@@ -138,19 +138,28 @@ def section_lora(a) -> None:
     # exact merge of the QA-LoRA adapter, approximate merge of both
     adapters = {n: load_adapter(load_base(a.student)[0], work / n) for n in ("lora", "qalora")}
     res["merge"] = {}
-    for name, adapter, mode in (("exact", "qalora", "exact"), ("approx-qalora", "qalora", "approx"),
-                                ("approx-lora", "lora", "approx")):
+    refine = ["--refine-steps", str(a.refine_steps), "--data", CODE_TRAIN, "--refine-samples", "16"]
+    for name, adapter, mode, extra in (("exact", "qalora", "exact", []), ("approx-qalora", "qalora", "approx", []),
+                                       ("approx-lora", "lora", "approx", []),
+                                       ("approx-lora-refined", "lora", "approx", refine)):
         out = work / f"merged-{name}"
         t0 = time.time()
-        report = merge_adapter(a.student, work / adapter, out, mode=mode, overwrite=True)
+        report = merge_adapter(a.student, work / adapter, out, mode=mode, overwrite=True,
+                               refine_steps=a.refine_steps if extra else 0, data=CODE_TRAIN, refine_samples=16)
         merged, _, _ = load_base(out)
         res["merge"][name] = {
-            "command": f"qat merge --student {a.student} --adapter {work / adapter} --output {out} --mode {mode}",
+            "command": f"qat merge --student {a.student} --adapter {work / adapter} --output {out} --mode {mode} "
+                       + shlex.join(extra),
             "seconds": round(time.time() - t0, 1), "exact_bound_ratio": report["exact_bound_ratio"],
             "spec": report["spec"], "code_ppl": ppl(merged, tok, CODE_TEST, a.eval_tokens),
             "wikitext_ppl": ppl(merged, tok, WIKI_TEST, a.eval_tokens),
             "vs_adapter": max_logit_diff(adapters[adapter], merged, check_ids)}
-        if name == "exact":  # export the merged student as usual and reload it
+        if name == "exact":  # export the merged student as usual and reload it; the folded shifts d/s
+            from qat.nn import quant_linears
+
+            shift = torch.cat([m.weight_quantizer.zero_shift.abs().flatten() for m in quant_linears(merged).values()])
+            res["merge"][name]["abs_zero_shift"] = {"median": float(shift.quantile(0.5)),
+                                                   "p99": float(shift.quantile(0.99)), "max": float(shift.max())}
             report = export_student(out, work / "merged-exact-export", dtype="float32", overwrite=True)
             packed = qat.load_quantized(work / "merged-exact-export")
             res["merge"][name]["export"] = {"bits_per_weight": report.bits_per_weight, "file_bytes": report.file_bytes,
@@ -349,7 +358,8 @@ def report() -> str:
                        f"{fmt(x['wikitext_ppl_after'])} |")
         for n, label in (("exact", "QA-LoRA merged exactly (`--mode exact`, W2g64-fz)"),
                          ("approx-qalora", "QA-LoRA merged approximately (`--mode approx`)"),
-                         ("approx-lora", "LoRA merged approximately (`--mode approx`)")):
+                         ("approx-lora", "LoRA merged approximately (`--mode approx`)"),
+                         ("approx-lora-refined", "LoRA merged approximately + stage-1 refine")):
             m = r["merge"][n]
             out.append(f"| {label} | – | – | – | {fmt(m['code_ppl'])} | {fmt(m['wikitext_ppl'])} |")
         out += ["", "Commands:", ""] + [f"- `{r[n]['command']}`" for n in ("lora", "qalora")] + \
@@ -364,7 +374,8 @@ def report() -> str:
                 ("exact merge vs QA-LoRA adapter model", ex["vs_adapter"]),
                 ("exact merge, exported (float32) and reloaded vs merged student", ex["export"]["vs_merged_student"]),
                 ("approximate merge vs QA-LoRA adapter model", r["merge"]["approx-qalora"]["vs_adapter"]),
-                ("approximate merge vs LoRA adapter model", r["merge"]["approx-lora"]["vs_adapter"])]
+                ("approximate merge vs LoRA adapter model", r["merge"]["approx-lora"]["vs_adapter"]),
+                ("approximate merge + refine vs LoRA adapter model", r["merge"]["approx-lora-refined"]["vs_adapter"])]
         out += [f"| {k} | {v['max_abs_diff']:.3g} | {v['max_abs_logit']:.3g} | {'yes' if v['bit_identical'] else 'no'}"
                 " |" for k, v in rows]
         out += ["", f"The exact merge's weights stayed within the derived float32 bound (worst element at "
@@ -412,6 +423,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=24, help="LoRA optimizer steps")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--refine-steps", type=int, default=8, help="approximate merge + refine: stage-1 steps per block")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--report-only", action="store_true")

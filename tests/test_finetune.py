@@ -123,7 +123,7 @@ def test_quantized_linears_get_peft_lora_layers(tiny):
     from peft import get_peft_model
 
     from qat.finetune.base import load_base
-    from qat.finetune.lora import default_targets, lora_config, quant_lora_linear_cls
+    from qat.finetune.lora import QuantLoraLinear, default_targets, lora_config
 
     for kind in ("student", "export"):
         base, _, k = load_base(tiny / kind)
@@ -133,7 +133,7 @@ def test_quantized_linears_get_peft_lora_layers(tiny):
         assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
         for group in (0, 32):
             model = get_peft_model(copy.deepcopy(base), lora_config(4, 8, targets, qalora_group=group))
-            layers = {n: m for n, m in model.named_modules() if isinstance(m, quant_lora_linear_cls())}
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
             assert len(layers) == 21
             assert torch.equal(logits(model), ref)
             want = sum(4 * (m.in_features // (group or 1) + m.out_features) for m in layers.values())

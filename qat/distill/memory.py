@@ -18,7 +18,7 @@ from torch import nn
 from qat.distill.recipe import RecipeError
 
 
-def _silence_bnb() -> None:
+def silence_bitsandbytes() -> None:
     """bitsandbytes logs about optional hub kernels and, on every int8 call, about casting fp32 inputs to fp16; none of
     it is actionable here (its errors still show)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -28,7 +28,7 @@ def _silence_bnb() -> None:
 def bnb_teacher_usable(precision: str, device_type: str) -> str | None:
     """None when bitsandbytes can run an int8/nf4 linear on this device type, else the reason it cannot."""
     try:
-        _silence_bnb()
+        silence_bitsandbytes()
         import bitsandbytes as bnb
 
         lin = nn.Linear(64, 64)
@@ -84,10 +84,9 @@ def load_teacher(model_dir, device: torch.device | str, precision: str = "fp") -
             cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                      bnb_4bit_compute_dtype=torch.float32)
         dev = torch.device(device)
-        _silence_bnb()
+        silence_bitsandbytes()
         model = AutoModelForCausalLM.from_pretrained(
-            str(resolve_model_dir(model_dir)), quantization_config=cfg, dtype=torch.float32,
-            device_map={"": dev},
+            str(resolve_model_dir(model_dir)), quantization_config=cfg, dtype=torch.float32, device_map={"": dev},
             local_files_only=True)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -139,7 +138,3 @@ class ActivationCheckpointing:
         self._handles = []
         self.model.activation_checkpointing_disable()
 
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

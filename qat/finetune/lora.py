@@ -26,17 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
-import logging
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
-
-# peft imports bitsandbytes, whose CPU backend logs about an optional hub kernel on import: not actionable here
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 ADAPTER_META = "qat_adapter.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,93 +83,77 @@ class FrozenBase(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None
 
 
-def _lora_layer_cls():
-    from peft.tuners.lora import LoraLayer
+class QuantLoraLinear(nn.Module, LoraLayer):
+    """peft LoRA layer around a frozen QuantLinear / PackedLinear (both expose in_features, out_features and
+    forward(x)); follows peft's conventions for custom LoRA layers."""
 
-    class QuantLoraLinear(nn.Module, LoraLayer):
-        """peft LoRA layer around a frozen QuantLinear / PackedLinear (both expose in_features, out_features and
-        forward(x)); follows peft's conventions for custom LoRA layers."""
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
+                 **kwargs):
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-        def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
-                     **kwargs):
-            super().__init__()
-            LoraLayer.__init__(self, base_layer)
-            self._active_adapter = adapter_name
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
 
-        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # packed layers hold integer buffers only: take the device from any tensor, keep the adapter in float32
+        t = next(iter(base_layer.buffers()), None) if next(base_layer.parameters(), None) is None else \
+            next(base_layer.parameters())
+        return (None if t is None else t.device), None
 
-        def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-            # packed layers hold integer buffers only: take the device from any tensor, keep the adapter in float32
-            t = next(iter(base_layer.buffers()), None) if next(base_layer.parameters(), None) is None else \
-                next(base_layer.parameters())
-            return (None if t is None else t.device), None
+    def resolve_lora_variant(self, *, config, **kwargs):
+        if config.use_dora:
+            raise ValueError("DoRA is not supported on quantized layers (qat finetune trains LoRA or QA-LoRA)")
+        if config.use_qalora:
+            from peft.tuners.lora.variants import QALoraLinearVariant
 
-        def resolve_lora_variant(self, *, config, **kwargs):
-            if config.use_dora:
-                raise ValueError("DoRA is not supported on quantized layers (qat finetune trains LoRA or QA-LoRA)")
-            if config.use_qalora:
-                from peft.tuners.lora.variants import QALoraLinearVariant
+            return QALoraLinearVariant()
+        return None
 
-                return QALoraLinearVariant()
-            return None
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if torch.is_grad_enabled() and x.requires_grad:
-                result = FrozenBase.apply(x, self.base_layer)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            result = FrozenBase.apply(x, self.base_layer)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if name in self.lora_variant:
+                result = self.lora_variant[name].forward(self, active_adapter=name, x=xa, result=result)
             else:
-                result = self.base_layer(x, *args, **kwargs)
-            if self.disable_adapters:
-                return result
-            dtype = result.dtype
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
-                if name in self.lora_variant:
-                    result = self.lora_variant[name].forward(self, active_adapter=name, x=xa, result=result)
-                else:
-                    result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
-            return result.to(dtype)
+                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+        return result.to(dtype)
 
-        def get_delta_weight(self, adapter: str) -> torch.Tensor:
-            """The weight delta D [out, in] (float64) with x D^T == the adapter's branch; QA-LoRA's is constant
-            within each group of qalora_group_size inputs."""
-            A = self.lora_A[adapter].weight.detach().double()
-            B = self.lora_B[adapter].weight.detach().double()
-            if adapter in self.lora_variant:
-                g = self.qalora_group_size[adapter]
-                n = self.in_features // g
-                return ((B @ A) * (self.scaling[adapter] * n / g)).repeat_interleave(g, dim=1)
-            return (B @ A) * self.scaling[adapter]
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The weight delta D [out, in] (float64) with x D^T == the adapter's branch; QA-LoRA's is constant
+        within each group of qalora_group_size inputs."""
+        A = self.lora_A[adapter].weight.detach().double()
+        B = self.lora_B[adapter].weight.detach().double()
+        if adapter in self.lora_variant:
+            g = self.qalora_group_size[adapter]
+            n = self.in_features // g
+            return ((B @ A) * (self.scaling[adapter] * n / g)).repeat_interleave(g, dim=1)
+        return (B @ A) * self.scaling[adapter]
 
-        def merge(self, *args, **kwargs) -> None:
-            raise NotImplementedError("a LoRA adapter on quantized weights merges with `qat merge` (exact for QA-LoRA "
-                                      "on uniform formats, approximate otherwise), not with peft's merge")
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError("a LoRA adapter on quantized weights merges with `qat merge` (exact for QA-LoRA "
+                                  "on uniform formats, approximate otherwise), not with peft's merge")
 
-        def __repr__(self) -> str:
-            return "lora." + super().__repr__()
-
-    return QuantLoraLinear
-
-
-_CLS: list = []
-
-
-def quant_lora_linear_cls():
-    """The custom LoRA layer class (built once, so peft is imported only when LoRA is used)."""
-    if not _CLS:
-        _CLS.append(_lora_layer_cls())
-    return _CLS[0]
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
 
 
 def registered(config):
     """`config` with the quantized linear types registered as custom LoRA targets (peft keeps this registration out of
     adapter_config.json, so it is redone on every load)."""
-    cls = quant_lora_linear_cls()
-    config._register_custom_module({t: cls for t in quantized_linear_types()})
+    config._register_custom_module({t: QuantLoraLinear for t in quantized_linear_types()})
     return config
 
 
