@@ -98,13 +98,12 @@ def max_logit_diff(m1, m2, ids) -> dict:
 
 
 def section_lora(a) -> None:
-    from peft import LoraConfig, PeftModel
-
     import qat
     from qat.data.text import pack_windows, tokenize_file
     from qat.export.command import export_student
     from qat.finetune.base import load_base
-    from qat.finetune.lora import load_adapter, registered
+    from qat.finetune.lora import load_adapter, registered  # (before peft: quiets bitsandbytes' import log)
+    from peft import LoraConfig, PeftModel
     from qat.finetune.merge import merge_adapter
     from qat.finetune.recipe import parse_args
     from qat.finetune.run import run_finetune
@@ -176,6 +175,23 @@ def section_lora(a) -> None:
     res["seconds"] = round(time.time() - t_start, 1)
     res["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     store("lora", res)
+
+
+def section_lr(a) -> None:
+    """Plain LoRA at other learning rates, same budget as the lora section (which runs --lr)."""
+    from qat.finetune.recipe import parse_args
+    from qat.finetune.run import run_finetune
+
+    info = machine()
+    rows = json.loads(RESULTS.read_text()).get("lr", {}).get("rows", {}) if RESULTS.is_file() else {}
+    for lr in a.lr_sweep.split(","):
+        argv = finetune_argv(a, WORK / "lr" / lr, "--optim.default_lr", lr)
+        recipe, opts = parse_args(argv)
+        h = run_finetune(recipe, overwrite=True, tensorboard=False)["history"]
+        rows[lr] = {"command": "qat finetune " + shlex.join(argv), "code_ppl_after": h[-1]["val_ppl"],
+                    "train_seconds": h[-1]["seconds"]}
+        print(lr, rows[lr], flush=True)
+    store("lr", {"rows": rows, **info})
 
 
 # ---- teacher precision ------------------------------------------------------------------------------------------------
@@ -381,6 +397,13 @@ def report() -> str:
         out += ["", f"The exact merge's weights stayed within the derived float32 bound (worst element at "
                 f"{ex['exact_bound_ratio']:.2f} of it); the merged export stores {ex['export']['bits_per_weight']:.3f} "
                 "bits/weight (float32 zero points).", ""]
+    if "lr" in d and "lora" in d:
+        rows = {**{k: v["code_ppl_after"] for k, v in d["lr"]["rows"].items()},
+                f"{d['lora']['lora']['command'].split('--optim.default_lr ')[1].split()[0]}":
+                d["lora"]["lora"]["code_ppl"]["after"]}
+        out += ["**Learning rate** (plain LoRA, same budget and data; python test perplexity after): " +
+                ", ".join(f"{k}: {v:,.2f}" for k, v in sorted(rows.items(), key=lambda kv: float(kv[0]))) +
+                f" ({d['lr']['date']}).", ""]
     if "teacher" in d:
         t = d["teacher"]
         out += [f"**Teacher precision** — {t['date']}, same machine, {t['torch_threads']} thread(s); first "
@@ -418,7 +441,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=".cache/smollm2-135m", help="the FP model (teacher)")
     ap.add_argument("--student", default=str(WORK / "w2g64-student"))
-    ap.add_argument("--only", choices=["student", "lora", "teacher", "memory"], action="append")
+    ap.add_argument("--only", choices=["student", "lora", "lr", "teacher", "memory"], action="append")
+    ap.add_argument("--lr-sweep", default="2e-4", help="lr section: comma-separated learning rates")
     ap.add_argument("--config", default=None, help="memory: only configurations whose name contains this")
     ap.add_argument("--steps", type=int, default=24, help="LoRA optimizer steps")
     ap.add_argument("--batch-size", type=int, default=2)
@@ -435,8 +459,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_probe(a, kind, extra)), flush=True)
         return 0
     if not a.report_only:
-        for section in a.only or ["student", "lora", "teacher", "memory"]:
-            {"student": section_student, "lora": section_lora, "teacher": section_teacher,
+        for section in a.only or ["student", "lora", "lr", "teacher", "memory"]:
+            {"student": section_student, "lora": section_lora, "lr": section_lr, "teacher": section_teacher,
              "memory": section_memory}[section](a)
     write_doc()
     return 0

@@ -259,6 +259,20 @@ def test_resume_is_bit_exact(lora_run, tiny, tmp_path):
     assert [h["val_ppl"] for h in res["history"]] == [h["val_ppl"] for h in lora_run["result"]["history"]]
 
 
+def test_resume_with_lora_dropout_is_bit_exact(tiny, tmp_path):
+    """With dropout on the LoRA branch every step draws random masks: the RNG states in the checkpoint make the
+    resumed run draw the same ones."""
+    drop = ("--lora.dropout", "0.1")
+    ref = finetune(recipe_for(tiny, tmp_path / "ref", *drop))["model"].state_dict()
+    with pytest.raises(KeyError):
+        finetune(recipe_for(tiny, tmp_path / "a", *drop), callbacks=[KillAt(4)])
+    got = finetune(recipe_for(tiny, tmp_path / "a", *drop), resume="last")["model"].state_dict()
+    keys = [k for k in ref if ".lora_" in k]
+    assert all(torch.equal(ref[k], got[k]) for k in keys)
+    plain = finetune(recipe_for(tiny, tmp_path / "plain"))["model"].state_dict()
+    assert not all(torch.equal(ref[k], plain[k]) for k in keys)  # the dropout did act
+
+
 def test_resume_refuses_another_base(lora_run, tiny, tmp_path):
     out = tmp_path / "adapter"
     with pytest.raises(KeyError):

@@ -100,6 +100,8 @@ class FinetuneModule(L.LightningModule):
             self.trainer.should_stop = True
             return
         self._boundary = False
+        if self._pending is not None and self._pending.get("rng") is not None:
+            self._restore_rng(self._pending.pop("rng"))
         if not self.history:
             self._record("base", None, {})  # B = 0 at the start: the adapter model is the base
         if self.stage is None:
@@ -223,10 +225,15 @@ class FinetuneModule(L.LightningModule):
         self.stage_index = int(self.finished)
         self.history = list(state["history"])
         self.loss_log = [tuple(x) for x in state["loss_log"]]
-        self._pending = {"stage_state": state["stage_state"], "tokens": state["tokens"], "seconds": state["seconds"]}
+        # the RNG states are restored at the first step, not here: Lightning draws from the global generator between
+        # loading the checkpoint and that step (the dataloader's base seed), which would shift the LoRA dropout masks
+        self._pending = {"stage_state": state["stage_state"], "tokens": state["tokens"], "seconds": state["seconds"],
+                         "rng": state["rng"]}
         self.resumed_from = {"global_step": self.global_step_, "where": state.get("where"),
                              "stage_state": state["stage_state"]}
-        rng = state["rng"]
+
+    @staticmethod
+    def _restore_rng(rng: dict) -> None:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         kind, keys, pos, has_gauss, cached = rng["numpy"]
