@@ -216,7 +216,7 @@ def section_teacher(a) -> None:
 
 # ---- memory savers: one process per configuration ---------------------------------------------------------------------
 
-PROBE_STEPS = 5  # optimizer steps per configuration; tokens/s over steps 2..4 (the first allocates and warms up,
+PROBE_STEPS = 4  # optimizer steps per configuration; tokens/s over steps 2..3 (the first allocates and warms up,
 #                 the last is followed by the run's final checkpoint)
 MEMORY_CONFIGS = [
     # name, command (finetune | distill), extra options
@@ -326,7 +326,7 @@ def section_memory(a) -> None:
         if a.config and a.config not in name:
             continue
         cmd = [sys.executable, __file__, "--probe", json.dumps([kind, extra]), "--student", a.student, "--model",
-               a.model, "--batch-size", str(a.batch_size)]
+               a.model, "--batch-size", str(a.probe_batch_size)]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -340,7 +340,7 @@ def section_memory(a) -> None:
         print(name, rows[name], flush=True)
     old = json.loads(RESULTS.read_text()).get("memory", {}) if RESULTS.is_file() and a.config else {}
     store("memory", {**old, **info, "rows": {**old.get("rows", {}), **rows}, "device": "cpu",
-                     "probe_steps": PROBE_STEPS, "batch_size": a.batch_size})
+                     "probe_steps": PROBE_STEPS, "batch_size": a.probe_batch_size})
 
 
 # ---- report -----------------------------------------------------------------------------------------------------------
@@ -446,6 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="memory: only configurations whose name contains this")
     ap.add_argument("--steps", type=int, default=24, help="LoRA optimizer steps")
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--probe-batch-size", type=int, default=1, help="memory section: sequences of 512 per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--refine-steps", type=int, default=8, help="approximate merge + refine: stage-1 steps per block")
     ap.add_argument("--eval-tokens", type=int, default=16384)
