@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "distill": "qat.distill.command",
     "export": "qat.export.command",
     "generate": "qat.export.generate",
+    "finetune": "qat.finetune.command",
+    "merge": "qat.finetune.merge",
 }
 
 

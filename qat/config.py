@@ -44,6 +44,9 @@ class WeightSpec:
     group_size  weights sharing quantization parameters along in_features; -1 = one group per output channel
     sym         uniform only: symmetric grid with a fixed mid-point zero (GPTQ convention)
     lwc         uniform only: learnable weight clipping (OmniQuant) instead of free learnable scale/zero (LSQ+)
+    float_zero  uniform only: the dequantization zero point is a float per group, z - zero_shift, while the codes
+                keep the integer z; stored as float32 zeros (32 bits per group instead of 8). Written by `qat merge`,
+                which folds a QA-LoRA adapter into zero_shift exactly (docs/FINETUNE.md)
     vq_dim      vq only: vector length (the codebook is the affine image of {0..3}^vq_dim)
     hadamard_block  vq only: largest block of the random-sign block-Hadamard incoherence transform
     """
@@ -53,6 +56,7 @@ class WeightSpec:
     group_size: int = 128
     sym: bool = False
     lwc: bool = False
+    float_zero: bool = False
     vq_dim: int = 4
     hadamard_block: int = 128
 
@@ -66,6 +70,8 @@ class WeightSpec:
             raise QuantConfigError(f"uniform weights need bits in 1..8, got {self.bits}")
         if self.format == "uniform" and self.sym and self.bits < 2:
             raise QuantConfigError("symmetric uniform quantization needs bits >= 2 (use --format binary11 for 1-bit)")
+        if self.float_zero and self.format != "uniform":
+            raise QuantConfigError(f"float_zero applies to the uniform format only, got format {self.format!r}")
         if self.format == "binary11" and self.bits != 2:
             raise QuantConfigError(
                 f"format binary11 stores 1 sign bit + 1 bitmap bit per weight (bits=2), got bits={self.bits}")
@@ -141,5 +147,6 @@ class QuantSpec:
     def describe(self) -> str:
         w = self.weight
         g = "ch" if w.group_size == -1 else f"g{w.group_size}"
-        name = {"uniform": f"W{w.bits}{g}{'-sym' if w.sym else ''}", "binary11": f"W(1+1){g}", "vq": f"VQ{w.bits}"}[w.format]
+        uniform = f"W{w.bits}{g}{'-sym' if w.sym else ''}{'-fz' if w.float_zero else ''}"
+        name = {"uniform": uniform, "binary11": f"W(1+1){g}", "vq": f"VQ{w.bits}"}[w.format]
         return name + (f"A{self.act.bits}" if self.act.enabled else "")

@@ -36,7 +36,10 @@ OUTPUT_KINDS = {
     "export": "an export (qat export)",
     "converted-model": "a converted model (qat convert-gguf)",
     "distill-run": "a distillation run directory (qat distill)",
+    "adapter": "a LoRA adapter (qat finetune)",
+    "finetune-run": "a fine-tuning run directory (qat finetune)",
 }
+RUN_KINDS = ("distill-run", "finetune-run")  # reused in place, never replaced: their commands check what they hold
 # what each kind writes, for directories written before markers existed (and to name foreign files in errors)
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
                     "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
@@ -46,6 +49,8 @@ KIND_FILES = {
                 "distill_summary.png", "distill_history.json"),
     "export": ("config.json", "generation_config.json", *_TOKENIZER_FILES, "model.safetensors"),
     "converted-model": ("config.json", "generation_config.json", *_TOKENIZER_FILES, "model.safetensors"),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "qat_adapter.json",
+                "finetune_summary.png", "README.md"),
 }
 
 
@@ -81,6 +86,8 @@ def legacy_kind(path: Path) -> str | None:
             return kind
     if (path / "recipe.json").is_file() and (path / "checkpoints").is_dir():
         return "distill-run"
+    if (path / "finetune.json").is_file() and (path / "checkpoints").is_dir():
+        return "finetune-run"
     return None
 
 
@@ -201,7 +208,7 @@ class OutputClaim:
             return False
         if not p.is_dir():
             raise FileExistsError(f"{self.what} {self.given!r} exists and is a file, not a directory")
-        if self.kind == "distill-run":  # reused in place, never replaced: qat/distill/run.py checks what it holds
+        if self.kind in RUN_KINDS:  # reused in place, never replaced: qat/distill/run.py, qat/finetune/run.py check
             return True
         entries = sorted(x.name for x in p.iterdir())
         if not entries:

@@ -1,6 +1,8 @@
 """Optimizers and LR schedules for a stage (or one block-wise window): AdamW with one param group per `train` entry,
 or bitsandbytes' 8-bit AdamW, imported only when asked for and replaced by AdamW (with a warning) where it cannot
-run (no usable backend for the device)."""
+run (no usable backend for the device), or bitsandbytes' paged AdamW (32- or 8-bit state in CUDA unified memory, which
+the driver pages out to host RAM under pressure): CUDA only, refused elsewhere (bitsandbytes would silently run it
+unpaged on CPU, which saves nothing)."""
 from __future__ import annotations
 
 import math
@@ -29,9 +31,27 @@ def bnb_usable(device_type: str) -> str | None:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
+PAGED = {"paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}
+
+
+def check_optimizer(name: str, device: torch.device | str) -> None:
+    """One-line error for an optimizer that cannot run on this device (before any model is loaded)."""
+    from qat.distill.recipe import RecipeError
+
+    dev = torch.device(device).type
+    if name in PAGED and dev != "cuda":
+        raise RecipeError(f"optim.name {name} keeps optimizer state in CUDA unified memory and runs on CUDA devices "
+                          f"only (this run is on {dev}); use adamw8bit for 8-bit optimizer state")
+
+
 def build_optimizer(groups: list[dict], spec: OptimSpec, device: torch.device) -> torch.optim.Optimizer:
     """`groups`: [{"params": [...], "lr": float, "name": str}] (empty groups already removed)."""
     kwargs = {"betas": tuple(spec.betas), "eps": spec.eps, "weight_decay": spec.weight_decay}
+    if spec.name in PAGED:
+        check_optimizer(spec.name, device)
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, PAGED[spec.name])(groups, **kwargs)
     if spec.name == "adamw8bit":
         why = bnb_usable(torch.device(device).type)
         if why is None:

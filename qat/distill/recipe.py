@@ -25,7 +25,8 @@ BLOCK_LOSSES = ("mse", "token_mse", "cosine")
 E2E_LOSSES = ("kl", "reverse_kl", "cakld", "ce")
 UNIT_KINDS = ("block", "acbq")
 ACT_OBJECTIVES = ("blockwise", "e2e")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+TEACHER_PRECISIONS = ("fp", "int8", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
 DATA_SOURCES = ("text", "teacher", "mixed")
@@ -162,8 +163,27 @@ class LossSpec:
 
 
 @dataclass
+class MemorySpec:
+    """Memory savers (measured in docs/FINETUNE.md).
+
+    teacher             fp | int8 (bitsandbytes LLM.int8()) | nf4 (bitsandbytes 4-bit NormalFloat): the frozen teacher
+                        used for training targets; the student is still initialised from the FP weights
+    grad_checkpointing  recompute each decoder block's activations in the backward pass of whole-model forwards
+                        (e2e stages, act stages with objective e2e, qat finetune) instead of storing them
+    """
+
+    teacher: str = "fp"
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.teacher not in TEACHER_PRECISIONS:
+            raise RecipeError(f"unknown memory.teacher {self.teacher!r}; supported: {', '.join(TEACHER_PRECISIONS)}")
+
+
+@dataclass
 class OptimSpec:
-    """AdamW (or bitsandbytes 8-bit AdamW, falling back to AdamW with a warning where it cannot run).
+    """AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit: falls back to AdamW with a warning where it cannot run) or paged
+    AdamW (paged_adamw, paged_adamw8bit: optimizer state in CUDA unified memory, so CUDA devices only).
 
     lr            learning rate per `train` entry (e.g. {latent: 2e-5, wq: 1e-4}); entries not listed use default_lr
     schedule      cosine | linear | constant, after `warmup` steps (a value < 1 is a fraction of the budget)
@@ -381,6 +401,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     stages: list[StageSpec] = field(default_factory=list)
+    memory: MemorySpec = field(default_factory=MemorySpec)
     seed: int = 0
     device: str = "auto"
     precision: str = "32-true"
@@ -396,6 +417,7 @@ class Recipe:
             self.quant = QuantSpec.from_dict(self.quant)  # raises QuantConfigError naming the bad field
         if self.quant is None and self.student is None:
             raise RecipeError("recipe needs a quant spec (quant:) or an existing student checkpoint (--student)")
+        self.memory.validate()
         if self.ptq.method not in PTQ_METHODS:
             raise RecipeError(f"unknown PTQ method {self.ptq.method!r}; supported: {', '.join(PTQ_METHODS)}")
         if self.ptq.calib_samples < 1 or self.ptq.seq_len < 2:
@@ -433,12 +455,12 @@ class Recipe:
     def check_spec(self, spec: QuantSpec) -> None:
         """Stage options that depend on the number format (also run on a --student checkpoint's spec)."""
         for i, s in enumerate(self.stages):
-            if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc):
+            if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc or spec.weight.float_zero):
                 raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
-                                  f"scale/zero (not lwc), the spec is {spec.describe()}")
-            if s.rounding.enabled and (spec.weight.format != "uniform" or spec.weight.lwc):
+                                  f"scale/zero (not lwc or float_zero), the spec is {spec.describe()}")
+            if s.rounding.enabled and (spec.weight.format != "uniform" or spec.weight.lwc or spec.weight.float_zero):
                 raise RecipeError(f"stage {i} ({s.name}): rounding {s.rounding.method} needs the uniform format with "
-                                  f"free scale/zero (not lwc), the spec is {spec.describe()}")
+                                  f"free scale/zero (not lwc or float_zero), the spec is {spec.describe()}")
             if s.kind == "act" and not spec.act.enabled:
                 raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
                                   f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
@@ -588,7 +610,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 
 
 _NESTED = {
-    (Recipe, "ptq"): PTQInit, (Recipe, "data"): DataSpec, (Recipe, "eval"): EvalSpec,
+    (Recipe, "ptq"): PTQInit, (Recipe, "data"): DataSpec, (Recipe, "eval"): EvalSpec, (Recipe, "memory"): MemorySpec,
     (StageSpec, "loss"): LossSpec, (StageSpec, "optim"): OptimSpec, (StageSpec, "polarize"): PolarizeSpec,
     (StageSpec, "rounding"): RoundingSpec,
 }

@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from qat.config import QuantSpec
 from qat.distill.recipe import Recipe, RecipeError
 from qat.distill.stage import DistillContext, NonFiniteLossError  # noqa: F401  (re-exported for callers)
@@ -95,6 +97,9 @@ def preflight(recipe: Recipe, resume: str | None, overwrite: bool) -> dict:
                 raise RecipeError(f"PTQ student {recipe.student!r} has {k}={cfg_s.get(k)}, the model "
                                   f"{str(model_dir)!r} has {cfg_t.get(k)}")
     recipe.check_spec(spec)
+    from qat.distill.memory import check_memory
+
+    check_memory(recipe.memory, [s.optim.name for s in recipe.stages], device)
     for path, what in ((recipe.data.train_file, "data.train_file"), (recipe.eval.file, "eval.file")):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
@@ -232,12 +237,9 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
 
 
 def _train(recipe: Recipe, pre: dict, overwrite: bool, callbacks, tensorboard: bool, t_start: float) -> dict:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from qat.checkpoint import load_student, save_student
     from qat.distill import params as P
-    from qat.distill.callbacks import DistillCheckpoint, StageProgressBar, write_summary_png
+    from qat.distill.callbacks import DistillCheckpoint, write_summary_png
     from qat.distill.data import corpus_windows, eval_ids, training_pool
     from qat.distill.module import DistillModule
     from qat.io import write_marker
@@ -294,6 +296,15 @@ def _train(recipe: Recipe, pre: dict, overwrite: bool, callbacks, tensorboard: b
             init = {"ptq": {"method": pt.method, "calib_samples": pt.calib_samples, "seq_len": pt.seq_len,
                             "seconds": round(time.time() - t0, 1)}}
     student.to(device)
+    if recipe.memory.teacher != "fp":  # the student came from the FP weights; the targets come from int8/nf4 now
+        from qat.distill.memory import load_teacher
+
+        del teacher
+        teacher = load_teacher(model_dir, device, recipe.memory.teacher)
+    if recipe.memory.grad_checkpointing:
+        from qat.distill.memory import ActivationCheckpointing
+
+        ActivationCheckpointing(student)
     designed = P.snapshot_trainable(student)
     P.freeze_all(student)
 
@@ -303,22 +314,8 @@ def _train(recipe: Recipe, pre: dict, overwrite: bool, callbacks, tensorboard: b
                          last_checkpoint=lambda: str(ckpt_cb.last_path) if ckpt_cb.last_path else None)
     module = DistillModule(ctx, recipe, ev_ids)
     ctx.backward = module.manual_backward
-    cbs = [ckpt_cb, *callbacks]
-    if recipe.progress:
-        cbs.insert(0, StageProgressBar())
-    logger = TensorBoardLogger(str(run_dir), name="tb", version="") if tensorboard else False
-    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1, max_steps=-1,
-                      precision=recipe.precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=recipe.progress, num_sanity_val_steps=0,
-                      limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
-        warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # by design, see quantizer_train_mode
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+    fit(module, device=device, run_dir=run_dir, precision=recipe.precision, progress=recipe.progress,
+        callbacks=[ckpt_cb, *callbacks], tensorboard=tensorboard, ckpt=ckpt)
     if not module.finished:
         raise TrainingIncompleteError(f"training stopped before the last stage finished (at stage "
                                       f"{module.stage_index}); continue with --resume last")
@@ -338,3 +335,28 @@ def _train(recipe: Recipe, pre: dict, overwrite: bool, callbacks, tensorboard: b
     return {"output": str(out), "run_dir": str(run_dir), "history": module.history,
             "png": str(out / "distill_summary.png"),
             "global_steps": module.global_step_, "seconds": round(time.time() - t_start, 1), "module": module}
+
+
+def fit(module, *, device: torch.device, run_dir: Path, precision: str, progress: bool, callbacks, tensorboard: bool,
+        ckpt: Path | None = None) -> None:
+    """Lightning fit of a tick-driven module (DistillModule, FinetuneModule: one optimizer step per tick, manual
+    optimization, own checkpoint callback); TensorBoard in <run_dir>/tb, the stage progress bar when `progress`."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from qat.distill.callbacks import StageProgressBar
+
+    cbs = [StageProgressBar(), *callbacks] if progress else list(callbacks)
+    logger = TensorBoardLogger(str(run_dir), name="tb", version="") if tensorboard else False
+    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1, max_steps=-1,
+                      precision=precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
+                      enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+                      limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
+        warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # by design, see quantizer_train_mode
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)

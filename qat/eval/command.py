@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--json", action="store_true", help="print exactly one JSON line on stdout")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter written by qat finetune for this model")
     p.set_defaults(func=_run)
 
 
@@ -38,6 +39,10 @@ def _run(args) -> int:
     read_text(args.data, args.text_field)  # a missing/empty data file fails before the model is loaded
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device)  # any directory kind, checked
     model, tokenizer = loaded.model, loaded.tokenizer
+    if args.adapter:
+        from qat.finetune.lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     ids = tokenize_file(args.data, tokenizer, add_bos=True, field=args.text_field)
     t0 = time.perf_counter()
     res = perplexity(model, ids, args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
@@ -45,8 +50,9 @@ def _run(args) -> int:
     bpw = loaded.bits_per_weight
     if args.json:
         print(json.dumps({"perplexity": res["perplexity"], "nll": res["nll"], "tokens": res["tokens"],
-                          "model": str(args.model), "bits_per_weight": bpw}), flush=True)
+                          "model": str(args.model), "bits_per_weight": bpw,
+                          **({"adapter": str(args.adapter)} if args.adapter else {})}), flush=True)
     else:
-        print(f"{args.model}: perplexity {res['perplexity']:.4f} (nll {res['nll']:.5f}) on {res['tokens']} tokens of "
+        print(f"{args.model}{' + ' + str(args.adapter) if args.adapter else ''}: perplexity {res['perplexity']:.4f} (nll {res['nll']:.5f}) on {res['tokens']} tokens of "
               f"{args.data} ({res['windows']} x {args.seq_len}), {bpw:.3f} bits/weight, {seconds:.1f}s on {device}")
     return 0

@@ -42,6 +42,9 @@ def check_compressed_tensors_spec(spec: QuantSpec) -> None:
                                f"(use --format native)")
     if w.bits not in CT_BITS:
         raise QuantConfigError(f"compressed-tensors export supports bits {CT_BITS}, got {w.bits} (use --format native)")
+    if w.float_zero:
+        raise QuantConfigError("compressed-tensors export stores integer zero points; this student has float zero "
+                               f"points ({spec.describe()}, a merged QA-LoRA adapter) (use --format native)")
     if spec.act.enabled or spec.act.hadamard:
         raise QuantConfigError(f"compressed-tensors export is weight-only; this student quantizes activations "
                                f"({spec.describe()}) (use --format native)")

@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter written by qat finetune for this model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: float16 on GPU, float32 on CPU")
@@ -67,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
     model, tok = load_for_generation(args.model, device=device, dtype=dtype)
+    if args.adapter:
+        from qat.finetune.lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

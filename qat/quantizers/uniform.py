@@ -10,6 +10,9 @@ Two parametrisations of (s, z), picked by spec.lwc:
 Scales are rounded to fp16 in the forward pass (gradient passes straight through the cast) because that is how they
 are stored: pack() -> unpack() is then bit-identical to the training forward. Symmetric mode fixes z = 2^(b-1)
 (GPTQ convention: grid [-2^(b-1), 2^(b-1)-1] * s, s = 2 max|w| / (2^b - 1)).
+With spec.float_zero the dequantization uses z - zero_shift (a float32 buffer [out, n_groups]) while the codes keep the
+integer z: w_hat = s * (q - (z - zero_shift)). `qat merge` folds a QA-LoRA adapter (constant within each group) into
+zero_shift; pack() then stores the float zeros z - zero_shift as float32.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class UniformQuantizer(WeightQuantizer):
                 self.zero.data.fill_(2 ** (spec.bits - 1))
         # integer codes [out, n_groups, group_size] held fixed by qat.distill.codes.FrozenCodes (None: LSQ forward)
         self.frozen_codes: torch.Tensor | None = None
+        self.register_buffer("zero_shift", torch.zeros(shape) if spec.float_zero else None)
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
@@ -110,10 +114,17 @@ class UniformQuantizer(WeightQuantizer):
     def _codes(self, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.clamp(ste_round(self._grouped(weight.float()) / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, self.qmax)
 
+    def dequant_zero(self, z: torch.Tensor) -> torch.Tensor:
+        """The zero point the dequantization subtracts: z itself, or z - zero_shift with float_zero."""
+        return z if self.zero_shift is None else z - self.zero_shift
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         s, z = self.scale_zero(weight)
         if self.frozen_codes is not None:  # qat.distill.codes.FrozenCodes: w_hat = (q - z) * s with q held fixed
-            w_hat = frozen_affine(self.frozen_codes, s.unsqueeze(-1), z.unsqueeze(-1))
+            w_hat = frozen_affine(self.frozen_codes, s.unsqueeze(-1), self.dequant_zero(z).unsqueeze(-1))
+        elif self.zero_shift is not None:  # float zero points (a merged QA-LoRA adapter): codes round on z, dequant on z - shift
+            q = self._codes(weight, s, z)
+            w_hat = (q - self.dequant_zero(z).unsqueeze(-1)) * s.unsqueeze(-1)
         else:  # == ((self._codes(weight, s, z) - z) * s) bit for bit, with a fused backward (base.fake_quant)
             w_hat = fake_quant(self._grouped(weight.float()), s.unsqueeze(-1), z.unsqueeze(-1), 0, self.qmax)
         return w_hat.reshape(self.out_features, self.in_features)
@@ -176,7 +187,7 @@ class UniformQuantizer(WeightQuantizer):
         return {
             "qweight": pack_bits(q.to(torch.int32), self.spec.bits),
             "scales": s.to(torch.float16),
-            "zeros": z.to(torch.uint8),
+            "zeros": z.to(torch.uint8) if self.zero_shift is None else self.dequant_zero(z).float(),
         }
 
     def unpack(self, packed: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -185,5 +196,5 @@ class UniformQuantizer(WeightQuantizer):
 
     @property
     def bits_per_weight(self) -> float:
-        # payload + one fp16 scale and one uint8 zero per group (stored for symmetric grids too)
-        return self.spec.bits + (16 + 8) / self.group_size
+        # payload + one fp16 scale and one uint8 zero per group (stored for symmetric grids too; float32 with float_zero)
+        return self.spec.bits + (16 + (32 if self.spec.float_zero else 8)) / self.group_size
