@@ -29,17 +29,21 @@ class DistillCheckpoint(Callback):
         return self.dirpath / "last.ckpt"
 
     def save(self, trainer, module) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        # every process takes part in save_checkpoint (the strategy may gather state); rank 0 alone writes files
         tmp = self.dirpath / f".last.ckpt.{os.getpid()}.tmp"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, self.path)
         self.last_path = self.path
-        info = {"global_step": module.global_step_, "stage_index": module.stage_index, "finished": module.finished,
+        if not trainer.is_global_zero:
+            return
+        os.replace(tmp, self.path)
+        info = {"global_step": module.global_step, "stage_index": module.stage_index, "finished": module.finished,
                 **({"where": module.stage.where()} if module.stage is not None and not module.stage.done else {})}
         (self.dirpath / "last.json").write_text(json.dumps(info, indent=2))
 
     def on_train_start(self, trainer, module) -> None:
-        if module.resumed_from is None and module.global_step_ == 0:
+        if module.resumed_from is None and module.global_step == 0:
             self.save(trainer, module)  # the PTQ student: a resume never has to redo PTQ
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -68,7 +72,7 @@ class StageProgressBar(ProgressBar):
             self._bar = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if not self._enabled:
+        if not self._enabled or not trainer.is_global_zero:
             return
         from tqdm.auto import tqdm
 
@@ -96,6 +100,8 @@ class StageProgressBar(ProgressBar):
 
     def on_distill_stage_end(self, trainer, module) -> None:
         self._close()
+        if not trainer.is_global_zero:
+            return
         h = module.history[-1]
         msg = f"stage {h['index']} {h['stage']} done: final loss {h.get('final_loss', float('nan')):.4g}"
         if "val_ppl" in h:
