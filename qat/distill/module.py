@@ -146,18 +146,23 @@ class DistillModule(L.LightningModule):
             sharded=self.sharded, last_checkpoint=self.last_checkpoint)
 
     def configure_model(self) -> None:
-        """FSDP (ModelParallelStrategy): shard student and teacher, every decoder block a unit (its QuantLinears'
-        quantizer parameters shard with it) and the rest at the root."""
+        """FSDP (ModelParallelStrategy): shard student and teacher block by block. Every decoder block is its own
+        FSDP2 root, because the block-wise stages call blocks directly (an FSDP2 child called outside its root's
+        forward gets no gradient reduction), resharded after every forward (so that, outside a forward, the
+        parameters the stages select and freeze are always the sharded ones); its QuantLinears' quantizer parameters shard with it, along their first
+        dimension like the weight rows they scale. Embeddings, the final norm and the LM head (a few per cent of the
+        parameters) and scalar parameters (activation clip logits, which FSDP2 cannot shard) stay whole on every
+        process; Stage.optimize averages the gradients of whatever FSDP leaves whole."""
         if not self.sharded:
             return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for model in (self.student, self.teacher):
+            scalars = {p for p in model.parameters() if p.dim() == 0}
             for block in self.adapter.blocks(model):
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        self.teacher.to(self.trainer.strategy.root_device)
+                fully_shard(block, mesh=mesh, ignored_params=scalars, reshard_after_forward=True)
+            model.to(self.trainer.strategy.root_device)
 
     def configure_optimizers(self):
         return None  # each stage/window builds its own optimizer (registered in _register_optimizer)

@@ -27,6 +27,12 @@ from qat.distill.recipe import StageSpec
 from qat.nn import QuantLinear
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or its gradient) became NaN/inf; names the stage, window/block and step."""
 
@@ -149,12 +155,12 @@ class Stage:
 
         The average covers exactly self.params, the parameters this stage/window trains (a DDP wrapper built once
         would only see the parameters trainable when it wrapped the model): one all-reduce per ~32 MB bucket of their
-        gradients, the loss riding in the last one. Under FSDP the gradients are already averaged by FSDP's
-        reduce-scatter in backward, and only the loss is. `main` (the loss without its extra terms, for the log) is
+        gradients, the loss riding in the last one. Under FSDP the gradients of sharded parameters are already
+        averaged by FSDP's reduce-scatter in backward; only those it leaves whole (scalars) and the loss are. `main` (the loss without its extra terms, for the log) is
         averaged alongside and left in self.last_main."""
         ctx = self.ctx
         ctx.backward(loss)
-        grads = [] if ctx.sharded else [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None and not (ctx.sharded and _is_sharded(p))]
         losses = torch.stack([loss.detach(), (loss if main is None else main).detach()]).float()
         value, self.last_main = (float(v) for v in ctx.dist.mean_(grads, losses))
         if not math.isfinite(value):
@@ -185,7 +191,7 @@ class Stage:
         resume may shard it over another number of processes (a collective: every process calls it)."""
         if not self.opt:
             return {}
-        if self.ctx.sharded:
+        if self.ctx.sharded and self.opt.state:  # (on an optimizer without state, torch's helper would take a step)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opt = get_optimizer_state_dict(self.ctx.student, self.opt,
@@ -197,7 +203,7 @@ class Stage:
     def load_opt_state(self, s: dict) -> None:
         if s.get("opt") is None:
             return
-        if self.ctx.sharded:
+        if self.ctx.sharded and s["opt"]["state"]:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(self.ctx.student, self.opt, s["opt"],

@@ -41,12 +41,11 @@ def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method:
         return names
     model.eval()
     n_chunks = -(-calib_ids.shape[0] // batch_size)
-    chunks = list(dist.mine(n_chunks))  # this process's calibration chunks (all of them on one process)
-    if not chunks:
-        raise ValueError(f"PTQ on {dist.world} processes needs at least {dist.world} chunks of {batch_size} "
-                         f"calibration windows, got {calib_ids.shape[0]} windows")
-    my_ids = torch.cat([calib_ids[c * batch_size: (c + 1) * batch_size] for c in chunks])
-    hidden, kwargs = capture_block_inputs(model, my_ids, adapter, batch_size)
+    chunks = list(dist.mine(n_chunks))  # this process's calibration chunks (all of them on one process; maybe none)
+    hidden, kwargs = None, None
+    if chunks:
+        my_ids = torch.cat([calib_ids[c * batch_size: (c + 1) * batch_size] for c in chunks])
+        hidden, kwargs = capture_block_inputs(model, my_ids, adapter, batch_size)
     keep_tokens = act_sample_tokens if spec.act.enabled else 0
     keep_chunks = -(-keep_tokens // (batch_size * calib_ids.shape[1])) if keep_tokens else 0
     blocks = adapter.blocks(model)
@@ -80,6 +79,6 @@ def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method:
                 for t in m.state_dict().values():
                     if t.is_floating_point():
                         dist.broadcast_(t, src=dist.owner(k))
-        for j in range(0, hidden.shape[0], batch_size):  # the next block sees this block's quantized output
+        for j in range(0, len(chunks) * batch_size, batch_size):  # the next block sees this block's quantized output
             hidden[j : j + batch_size] = run_block(block, hidden[j : j + batch_size], kwargs)
     return names
