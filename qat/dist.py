@@ -13,6 +13,15 @@ import torch.distributed as dist
 BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of about this size (DDP uses 25 MB)
 
 
+def comm_error_text(e: BaseException) -> str:
+    """The useful part of a gloo/nccl error: its first line without the source location and the generic advice."""
+    import re
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)
+    return first.split(". This is typically")[0].rstrip(".")
+
+
 class LostPeerError(RuntimeError):
     """A collective failed: another process of the run died or stopped answering within the timeout."""
 
@@ -42,8 +51,8 @@ class Dist:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # gloo/nccl: "Connection closed by peer", timeouts, aborted communicators
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LostPeerError(f"process {self.rank} of {self.world} lost contact with the others ({first})") from e
+            raise LostPeerError(f"process {self.rank} of {self.world} lost contact with the others "
+                                f"({comm_error_text(e)})") from e
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) in place; returns t."""

@@ -46,6 +46,7 @@ import torch
 
 from qat.dist import Dist
 from qat.distill import params as P
+from qat.distill.faults import kill_if
 from qat.distill.params import quantizer_train_mode
 from qat.distill.recipe import Recipe
 from qat.distill.stage import DistillContext, Stage
@@ -107,6 +108,7 @@ class DistillModule(L.LightningModule):
         self._boundary = False  # a window or stage ended at the last step (checkpoint there)
         self._stage_t0 = 0.0
         self._stage_tokens = 0
+        self._shard = torch.zeros(0, dtype=torch.bool)  # the active stage's rows this process may train on
 
     @property
     def ctx(self) -> DistillContext:
@@ -172,6 +174,7 @@ class DistillModule(L.LightningModule):
         self.teacher.to(self.device)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        kill_if("before_step", self.global_step, self.dist.rank)
         if not any(h["stage"] == "ptq" for h in self.history):
             self._record("ptq", None, {})
         if self.stage is None and not self.finished:
@@ -185,6 +188,8 @@ class DistillModule(L.LightningModule):
         if (s, w, t) != where:
             raise RuntimeError(f"data and stage disagree at step {self.global_step}: batch for {(s, w, t)}, stage at "
                                f"{where}")
+        if not self._shard[batch.cpu()].all():
+            raise RuntimeError(f"step {self.global_step}: process {self.dist.rank} got rows outside its shard")
         window_before = getattr(self.stage, "window_idx", None)
         quantizer_train_mode(self.student)  # (evaluate() leaves the whole student in eval mode)
         t0 = time.perf_counter()
@@ -200,6 +205,7 @@ class DistillModule(L.LightningModule):
             self._finish_stage()
         else:
             self._register_optimizer()  # a new window built a new optimizer
+        kill_if("after_step", self.global_step, self.dist.rank)
 
     def on_train_end(self) -> None:
         if self.sharded:  # the full student for rank 0 to save (a collective: every process takes part)
@@ -232,6 +238,9 @@ class DistillModule(L.LightningModule):
             self._stage_tokens, self._stage_t0 = 0, time.time()
         self._pending = None
         quantizer_train_mode(self.student)
+        plan = self.plan.stages[self.stage_index]
+        self._shard = torch.zeros(plan.n_rows, dtype=torch.bool)
+        self._shard[plan.rows_of(self.dist.rank, self.dist.world)] = True
         self.stage.begin(state)
         self._register_optimizer()
         self._notify("on_distill_stage_start")
@@ -239,14 +248,18 @@ class DistillModule(L.LightningModule):
     def _finish_stage(self) -> None:
         stage = self.stage
         stage.end()
+        plan = self.plan.stages[self.stage_index]
+        shards = [plan.rows_of(r, self.dist.world).tolist() for r in range(self.dist.world)]
         self._record(stage.spec.name, stage, {"final_loss": stage.last_loss, "steps": stage.total_steps,
                                                "tokens": self._stage_tokens,
-                                               "seconds": round(time.time() - self._stage_t0, 1)})
+                                               "seconds": round(time.time() - self._stage_t0, 1),
+                                               "shards": shards})
         windows = getattr(stage, "window_log", None)
         if windows:
             self.history[-1]["windows"] = windows
         self._notify("on_distill_stage_end")
         self.stage = None
+        self._stage_tokens, self._stage_t0 = 0, time.time()  # a checkpoint at the boundary starts the next stage at 0
         self._register_optimizer()
         self.stage_index += 1
         self._boundary = True

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qat.config import QuantSpec
-from qat.dist import LostPeerError
+from qat.dist import LostPeerError, comm_error_text
 from qat.distill.recipe import Recipe, RecipeError
 from qat.distill.stage import DistillContext, NonFiniteLossError  # noqa: F401  (re-exported for callers)
 
@@ -155,6 +155,17 @@ def process_layout(recipe: Recipe) -> tuple[str, int, int]:
     return accelerator, devices, recipe.num_nodes
 
 
+def launch_rank(devices: int) -> int:
+    """This process's global rank, known before the processes meet (from what the launcher put in the environment;
+    a process that will start its peers itself is rank 0)."""
+    env = os.environ
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key])
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    return node * devices + int(env.get("LOCAL_RANK", "0"))
+
+
 def make_strategy(recipe: Recipe, accelerator: str, devices: int, num_nodes: int):
     """Lightning strategy for the recipe: `auto` (one process), our DDP without its module wrapper, or FSDP2."""
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
@@ -241,6 +252,7 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     from qat.distill import params as P
     from qat.distill.callbacks import DistillCheckpoint, StageProgressBar
     from qat.distill.data import corpus_windows, eval_ids, teacher_windows
+    from qat.distill.faults import checkpoint_plugins
     from qat.distill.module import STATE_KEY, DistillModule
     from qat.models import get_adapter
     from qat.models.loading import load_fp_model, load_tokenizer
@@ -250,14 +262,21 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     pre = preflight(recipe, resume, overwrite)
     run_dir, ckpt, model_dir, spec = pre["run_dir"], pre["ckpt"], pre["model_dir"], pre["spec"]
     accelerator, devices, num_nodes = process_layout(recipe)
+    rank = launch_rank(devices)
     world = devices * num_nodes
     n_blocks = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).num_hidden_layers
     plan = step_plan(recipe, n_blocks)
-    for s in plan.stages:
-        s.check_world(world, recipe.stages[s.index].name)
+    state = _checkpoint_state(ckpt)[STATE_KEY] if ckpt is not None else None
+    try:
+        for s in plan.stages:
+            s.check_world(world, recipe.stages[s.index].name)
+    except ValueError as e:
+        if state is None:
+            raise
+        raise RecipeError(f"cannot resume on {world} process(es) (the checkpoint was written by "
+                          f"{state['world_size']}): {e}") from None
     if recipe.strategy == "fsdp" and accelerator == "cpu" and not torch.distributed.is_gloo_available():
         raise RecipeError("strategy fsdp on CPU needs torch.distributed with the gloo backend, which this torch lacks")
-    state = _checkpoint_state(ckpt)[STATE_KEY] if ckpt is not None else None
 
     ckpt_cb = DistillCheckpoint(run_dir / CKPT_DIR, recipe.checkpoint_every)
     cbs = [ckpt_cb, *callbacks]
@@ -270,11 +289,10 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
                           precision=recipe.precision, logger=logger, callbacks=cbs, enable_checkpointing=False,
                           enable_model_summary=False, enable_progress_bar=recipe.progress, num_sanity_val_steps=0,
                           limit_val_batches=0, default_root_dir=str(run_dir), log_every_n_steps=1,
-                          use_distributed_sampler=False)
+                          use_distributed_sampler=False, plugins=checkpoint_plugins(rank))
     except Exception as e:  # Lightning's own checks of devices / nodes / strategy against the machine
         raise RecipeError(f"cannot set up {world} process(es) ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0]})") from None
-    rank = trainer.node_rank * trainer.num_devices + trainer.local_rank  # known before the processes meet
     if state is not None and state["finished"]:
         return _finish_from_checkpoint(recipe, ckpt, state, pre, t_start, rank)
     sharded = recipe.strategy == "fsdp"
@@ -333,9 +351,10 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
         except Exception as e:
             if world > 1 and _is_comm_failure(e):
                 last = ckpt_cb.last_path or ckpt
-                raise LostPeerError(f"{e if isinstance(e, LostPeerError) else str(e).splitlines()[0]}; the run "
-                                    f"stopped{f' (last checkpoint {last})' if last else ''}: continue with "
-                                    "--resume last") from e
+                why = str(e) if isinstance(e, LostPeerError) else (f"process {rank} of {world} lost contact with the "
+                                                                   f"others ({comm_error_text(e)})")
+                raise LostPeerError(f"{why}; the run stopped{f' (last checkpoint {last})' if last else ''}: "
+                                    "continue with --resume last") from e
             raise
     if not module.finished:
         raise TrainingIncompleteError(f"training stopped before the last stage finished (at stage "
