@@ -48,14 +48,14 @@ BUDGETS = {
 
 # PTQ students shared by experiments: name -> `qat ptq` options (calibration count comes from the budget)
 PTQ = {
-    "w2g64-gptq": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
+    "w2g64-gptq": ["--method", "gptq", "--bits", "2", "--group-size", "64", "--no-act-order"],
     "w2g64-gptq-ao": ["--method", "gptq", "--bits", "2", "--group-size", "64", "--act-order"],
     "w2g64-rtn": ["--method", "rtn", "--bits", "2", "--group-size", "64"],
     "w1p1a4-gptq": ["--method", "gptq", "--format", "binary11", "--group-size", "64", "--act-bits", "4"],
     "w1p1a4h-gptq": ["--method", "gptq", "--format", "binary11", "--group-size", "64", "--act-bits", "4",
                      "--act-hadamard"],
     "vq2-gptq": ["--method", "gptq", "--format", "vq"],
-    "w4a4-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-bits", "4"],
+    "w4a4-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-bits", "4", "--no-act-order"],
 }
 
 

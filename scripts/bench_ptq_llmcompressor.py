@@ -5,6 +5,9 @@ calibration windows as qat.data.text.sample_windows).
 
     python -m venv .cache/venv-llmc && .cache/venv-llmc/bin/pip install torch==2.13.0 'llmcompressor==0.14.*'
     .cache/venv-llmc/bin/python scripts/bench_ptq_llmcompressor.py --model .cache/smollm2-135m   # -> docs/ptq/llmcompressor.json
+    # one width, saved as a plain HF checkpoint holding the quantize-dequantize weights (scripts/bench_quality.py
+    # evaluates it on both domains with `qat eval`):
+    .cache/venv-llmc/bin/python scripts/bench_ptq_llmcompressor.py --model .cache/smollm2-135m --bits 2 --save DIR
 """
 from __future__ import annotations
 
@@ -48,6 +51,23 @@ def perplexity(model, ids, seq_len, max_tokens, batch=4):
     return math.exp(nll / cnt)
 
 
+def save_plain(model, base_dir, tok, out, ppl, eval_ids, a) -> None:
+    """GPTQModifier leaves each quantized linear's weight at its quantize-dequantize value; copy those into a fresh
+    copy of the base model and save that as an ordinary checkpoint, checking it reproduces the in-memory perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if getattr(m, "quantization_scheme", None) is not None and hasattr(m, "weight"):
+                plain.get_submodule(name).weight.copy_(m.weight)
+    again = perplexity(plain, eval_ids, a.seq_len, a.eval_tokens)
+    if abs(again / ppl - 1) > 1e-4:
+        raise SystemExit(f"saved weights give perplexity {again:.4f}, the quantized model {ppl:.4f}: not saved")
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -59,7 +79,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bits", type=int, nargs="*", default=[4, 3, 2])
     ap.add_argument("--out", default=str(REPO / "docs" / "ptq" / "llmcompressor.json"))
+    ap.add_argument("--save", default=None, help="with one --bits: write the quantized model here (plain HF weights)")
     a = ap.parse_args(argv)
+    if a.save and len(a.bits) != 1:
+        ap.error("--save takes exactly one --bits value")
 
     import llmcompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -73,8 +96,8 @@ def main(argv=None) -> int:
     calib = sample_windows(tokenize(a.calib, tok), a.calib_samples, a.seq_len, a.seed)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     eval_ids = tokenize(a.eval, tok)
-    rows = [{"config": "FP", "perplexity": perplexity(base, eval_ids, a.seq_len, a.eval_tokens)}]
-    print(rows[-1], file=sys.stderr)
+    rows = [] if a.save else [{"config": "FP", "perplexity": perplexity(base, eval_ids, a.seq_len, a.eval_tokens)}]
+    print(rows[-1:], file=sys.stderr)
     for bits in a.bits:
         t0 = time.time()
         model = copy.deepcopy(base)
@@ -85,6 +108,9 @@ def main(argv=None) -> int:
         rows.append({"config": f"W{bits}g64", "perplexity": perplexity(model, eval_ids, a.seq_len, a.eval_tokens),
                      "seconds": round(time.time() - t0, 1)})
         print(rows[-1], file=sys.stderr)
+        if a.save:
+            save_plain(model, a.model, tok, a.save, rows[-1]["perplexity"], eval_ids, a)
+            return 0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -55,17 +55,17 @@ class Recorder(Callback):
     def on_distill_stage_start(self, trainer, module):
         from qat.distill.params import state_fingerprint
 
-        self.events.append(("start", module.stage_index, module.stage.spec.kind, module.global_step))
+        self.events.append(("start", module.stage_index, module.stage.spec.kind, module.global_step_))
         self.snapshots.append(state_fingerprint(module.student))
 
     def on_distill_stage_end(self, trainer, module):
         from qat.distill.params import state_fingerprint
 
-        self.events.append(("end", module.stage_index, module.stage.spec.kind, module.global_step))
+        self.events.append(("end", module.stage_index, module.stage.spec.kind, module.global_step_))
         self.snapshots.append(state_fingerprint(module.student))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.steps.append(module.global_step)
+        self.steps.append(module.global_step_)
         stage = module.stage
         if stage is not None and stage.spec.kind == "blockwise" and stage.opt is not None:
             names = {n for n, p in module.student.named_parameters() if p.requires_grad}
@@ -82,7 +82,7 @@ class KillAt(Callback):
         self.n = n
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if module.global_step == self.n:
+        if module.global_step_ == self.n:
             raise KeyError(f"simulated kill at step {self.n}")
 
 
@@ -319,7 +319,7 @@ class PoisonAt(Callback):
         self.n = n
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if module.global_step == self.n:
+        if module.global_step_ == self.n:
             with torch.no_grad():
                 for name, p in module.student.named_parameters():
                     if "layernorm" in name:

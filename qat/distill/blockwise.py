@@ -11,6 +11,8 @@ windows sharing `overlap` units (CBQ's sliding window), are trained one after th
                     + block_loss(window(T_start), T_end)                if homologous (CBQ: FP-input path)
                     + w * block_loss(next units(window out), T_next)    if cross_unit_weight (ACBQ consistency)
                     + polarization of trained binary11 bitmaps
+With `rounding: {method: signround}` the window also learns each weight's rounding and its groups' clipping range
+(AutoRound's SignRound, qat/distill/rounding.py), baked into the student when the window ends.
 Only the active window's selected parameters have requires_grad and optimizer state; when the window ends its
 optimizer is dropped, bitmaps leaving it are hardened, and S advances through the units it will no longer train.
 
@@ -168,8 +170,9 @@ class BlockwiseStage(Stage):
         for k in [k for k in self.T if k < start]:
             self.T.pop(k).close()
         self.prefixes = [p for u in range(start, end) for p in self.unit_prefixes(u)]
-        self.make_trainable(self.prefixes, self.steps_per_window)
+        self.make_trainable(self.prefixes, self.steps_per_window, allow_empty=self.spec.rounding.enabled)
         self.freeze_codes(self.prefixes, state)
+        self.learn_rounding(self.prefixes, self.steps_per_window, state)
         self.bitmaps = self.bitmap_quantizers(self.prefixes)
         if state:
             self.load_opt_state(state)
@@ -243,7 +246,8 @@ class BlockwiseStage(Stage):
         self.harden(self.bitmap_quantizers(leaving))
         entry = {"window": w, "units": [start, end], "first_loss": self._first_loss, "last_loss": last_loss,
                  "blocks": sorted({self.units[u][0] for u in range(start, end)})}
-        self.unfreeze_codes()  # bake first: loss_after and the next window see the model as it will be exported
+        self.finish_rounding()  # bake first: loss_after and the next window see the model as it will be exported
+        self.unfreeze_codes()
         if self.spec.window_eval:
             entry.update(loss_before=self._loss_before, loss_after=self.full_loss())
         self.window_log.append(entry)
@@ -254,6 +258,7 @@ class BlockwiseStage(Stage):
             self._enter_window()
 
     def end(self) -> None:
+        self.finish_rounding()
         self.unfreeze_codes()
         self.release()
         for s in [self.S, *self.T.values()]:
@@ -265,7 +270,8 @@ class BlockwiseStage(Stage):
         return {"window": self.window_idx, "step_in_window": self.step_in_window, "unit_errors": self.unit_errors,
                 "omega": self.omega, "window_log": self.window_log, "first_loss": self._first_loss,
                 "loss_before": self._loss_before,
-                **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {})}
+                **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {}),
+                **(self.rounding_state() if not self.done else {})}
 
     def where(self) -> str:
         w = min(self.window_idx, len(self.windows) - 1)

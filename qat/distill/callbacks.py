@@ -38,12 +38,12 @@ class DistillCheckpoint(Callback):
         if not trainer.is_global_zero:
             return
         os.replace(tmp, self.path)
-        info = {"global_step": module.global_step, "stage_index": module.stage_index, "finished": module.finished,
+        info = {"global_step": module.global_step_, "stage_index": module.stage_index, "finished": module.finished,
                 **({"where": module.stage.where()} if module.stage is not None and not module.stage.done else {})}
         (self.dirpath / "last.json").write_text(json.dumps(info, indent=2))
 
     def on_train_start(self, trainer, module) -> None:
-        if module.resumed_from is None and module.global_step == 0:
+        if module.resumed_from is None and module.global_step_ == 0:
             self.save(trainer, module)  # the PTQ student: a resume never has to redo PTQ
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

@@ -2,6 +2,7 @@
 self-generated data) and cached on disk, so a rerun or a resume reads the same sequences instead of sampling again."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -20,6 +21,28 @@ def model_fingerprint(model_dir) -> str:
         st = f.stat()
         h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+def training_pool(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, cache_dir, progress: bool = True,
+                  dist: Dist = SINGLE) -> torch.Tensor:
+    """[num_samples, seq_len] training windows for `spec.source` (text | teacher | mixed); the same on every process
+    of a multi-process run (`dist` shares the teacher sampling)."""
+    if spec.source == "text":
+        return corpus_windows(spec, tokenizer, spec.num_samples, spec.seq_len, seed)
+    if spec.source == "teacher":
+        return teacher_windows(spec, teacher, tokenizer, model_dir, seed, cache_dir, progress, dist)
+    n_t = min(max(round(spec.num_samples * spec.teacher_fraction), 1), spec.num_samples - 1)
+    corpus = corpus_windows(spec, tokenizer, spec.num_samples - n_t, spec.seq_len, seed)
+    gen = teacher_windows(dataclasses.replace(spec, num_samples=n_t), teacher, tokenizer, model_dir, seed, cache_dir,
+                          progress, dist)
+    return interleave(corpus, gen)
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a and b merged by their relative position (row i of a sits at (i + 1/2) / len(a)), so every prefix
+    holds both in proportion; deterministic, ties go to a."""
+    keys = [((i + 0.5) / len(a), 0, i) for i in range(len(a))] + [((j + 0.5) / len(b), 1, j) for j in range(len(b))]
+    return torch.stack([(a, b)[src][i] for _, src, i in sorted(keys)])
 
 
 def corpus_windows(spec: DataSpec, tokenizer, n: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -7,7 +7,9 @@ What Lightning does here, as it is built to:
     data            the train loader of qat/data/module.py: one batch per optimizer step of the whole run, each process
                     given its own rows; resumable, its position saved and restored with the fit loop
     steps           every stage/window optimizer is registered with the trainer and stepped as a LightningOptimizer
-                    (precision plugin, hooks), so `self.global_step` is Lightning's count of optimizer steps
+                    (precision plugin, hooks); the run's step count is Lightning's count of batches (one per step:
+                    `global_step_`; Lightning's `global_step` counts optimizer steps, and a window that only learns its
+                    rounding has no optimizer)
     checkpoints     trainer.save_checkpoint / ckpt_path: the student's weights (the module's state_dict; the frozen
                     teacher is not a submodule and is never saved), Lightning's loops (global step, data position),
                     and the state below via on_save_checkpoint / on_load_checkpoint; the strategy writes on rank 0 and
@@ -173,8 +175,15 @@ class DistillModule(L.LightningModule):
         self.ctx.device = self.device
         self.teacher.to(self.device)
 
+    @property
+    def global_step_(self) -> int:
+        """Steps of the run done, from Lightning's batch progress (`started` counts a batch once it enters
+        training_step: in there it includes the step being taken, which is what the logs and hooks after its update
+        want; before and after a step it is the number of steps done)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.started
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        kill_if("before_step", self.global_step, self.dist.rank)
+        kill_if("before_step", batch_idx, self.dist.rank)
         if not any(h["stage"] == "ptq" for h in self.history):
             self._record("ptq", None, {})
         if self.stage is None and not self.finished:
@@ -182,21 +191,21 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self._boundary = False
-        s, w, t = self.plan.locate(self.global_step)
+        s, w, t = self.plan.locate(batch_idx)
         where = (self.stage_index, getattr(self.stage, "window_idx", 0), getattr(self.stage, "step_in_window",
                                                                               getattr(self.stage, "step", 0)))
         if (s, w, t) != where:
-            raise RuntimeError(f"data and stage disagree at step {self.global_step}: batch for {(s, w, t)}, stage at "
+            raise RuntimeError(f"data and stage disagree at step {batch_idx + 1}: batch for {(s, w, t)}, stage at "
                                f"{where}")
         if not self._shard[batch.cpu()].all():
-            raise RuntimeError(f"step {self.global_step}: process {self.dist.rank} got rows outside its shard")
+            raise RuntimeError(f"step {batch_idx + 1}: process {self.dist.rank} got rows outside its shard")
         window_before = getattr(self.stage, "window_idx", None)
         quantizer_train_mode(self.student)  # (evaluate() leaves the whole student in eval mode)
         t0 = time.perf_counter()
         metrics = self.stage.train_step(batch)
         dt = max(time.perf_counter() - t0, 1e-9)
         self._stage_tokens += metrics["tokens"] * self.dist.world
-        self.loss_log.append((self.global_step, self.stage_index, metrics["loss"]))
+        self.loss_log.append((self.global_step_, self.stage_index, metrics["loss"]))
         self._log_step(metrics, dt)
         if getattr(self.stage, "window_idx", None) != window_before:
             self._boundary = True
@@ -205,7 +214,7 @@ class DistillModule(L.LightningModule):
             self._finish_stage()
         else:
             self._register_optimizer()  # a new window built a new optimizer
-        kill_if("after_step", self.global_step, self.dist.rank)
+        kill_if("after_step", batch_idx + 1, self.dist.rank)
 
     def on_train_end(self) -> None:
         if self.sharded:  # the full student for rank 0 to save (a collective: every process takes part)
@@ -273,7 +282,7 @@ class DistillModule(L.LightningModule):
         ppl = self.evaluate() if stage is not None or self.recipe.eval.initial else None
         if ppl is not None:
             entry["val_ppl"] = ppl
-            self._scalar("val/perplexity", ppl, self.global_step)
+            self._scalar("val/perplexity", ppl, self.global_step_)
             self._scalar("val/perplexity_by_stage", ppl, len(self.history))
         self.history.append(entry)
 
@@ -310,7 +319,7 @@ class DistillModule(L.LightningModule):
     def _log_step(self, metrics: dict, dt: float) -> None:
         spec = self.stage.spec
         tag = f"s{self.stage_index}_{spec.name}"
-        g = self.global_step
+        g = self.global_step_
         self._scalar(f"{tag}/loss", metrics["loss"], g)
         if "main_loss" in metrics and metrics["main_loss"] != metrics["loss"]:
             self._scalar(f"{tag}/main_loss", metrics["main_loss"], g)
@@ -328,12 +337,12 @@ class DistillModule(L.LightningModule):
 
     def progress_info(self) -> dict[str, Any]:
         if self.stage is None:
-            return {"stage_index": self.stage_index, "global_step": self.global_step}
+            return {"stage_index": self.stage_index, "global_step": self.global_step_}
         return {"stage_index": self.stage_index, "name": self.stage.spec.name, "kind": self.stage.spec.kind,
-                "global_step": self.global_step, "loss": self.stage.last_loss, **self.stage.progress()}
+                "global_step": self.global_step_, "loss": self.stage.last_loss, **self.stage.progress()}
 
     def should_checkpoint(self, every: int) -> bool:
-        return self._boundary or self.global_step % every == 0
+        return self._boundary or self.global_step_ % every == 0
 
     # ---- checkpoint state ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -341,7 +350,7 @@ class DistillModule(L.LightningModule):
         state = {
             "version": STATE_VERSION,
             "stage_index": self.stage_index,
-            "global_step": self.global_step,
+            "global_step": self.global_step_,
             "world_size": self.dist.world,
             "finished": self.finished,
             "stage_state": self.stage.state_dict() if self.stage is not None else None,

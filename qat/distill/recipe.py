@@ -28,7 +28,8 @@ ACT_OBJECTIVES = ("blockwise", "e2e")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
-DATA_SOURCES = ("text", "teacher")
+DATA_SOURCES = ("text", "teacher", "mixed")
+ROUNDING_METHODS = ("none", "signround")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
 DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
@@ -83,12 +84,14 @@ class PTQInit:
     method         rtn | gptq (block-sequential, qat.ptq.pipeline.ptq_quantize)
     calib_samples  calibration windows (sampled from data.train_file, or the teacher-generated pool)
     seq_len        calibration window length
+    act_order      GPTQ (uniform formats): columns in decreasing Hessian-diagonal order (better at every width)
+    damp           GPTQ: damping as a fraction of mean(diag H)
     """
 
     method: str = "gptq"
     calib_samples: int = 64
     seq_len: int = 512
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
 
 
@@ -99,10 +102,13 @@ class DataSpec:
     source       text: `num_samples` windows of `seq_len` tokens at seeded random offsets of `train_file`
                  teacher: `num_samples` sequences sampled from the teacher (BitDistiller-style), prompted with the
                  first `prompt_len` tokens of a train_file window (or the bos token alone), cached on disk
+                 mixed: both, `teacher_fraction` of the windows from the teacher, interleaved so that every prefix of
+                 the pool (a block-wise stage's `samples`, the PTQ calibration set) holds the same mix
     cache_dir    where teacher samples are cached (default: <run_dir>/data)
     """
 
     source: str = "text"
+    teacher_fraction: float = 0.5
     train_file: str | None = None
     seq_len: int = 512
     num_samples: int = 128
@@ -189,6 +195,29 @@ class PolarizeSpec:
 
 
 @dataclass
+class RoundingSpec:
+    """Learned rounding of uniform weights in a block-wise stage (qat/distill/rounding.py).
+
+    method     none | signround (AutoRound: offsets V in [-range, range] and clipping factors, signed gradient descent)
+    lr         signed-gradient step (None = 1 / steps per window: a parameter can move at most 1/2 over the window)
+    minmax     also learn the clipping range (min/max factors per group); minmax_lr (None = lr)
+    range      bound of the rounding offsets, in grid steps
+    best       keep the parameters of the window's lowest-loss step (AutoRound's "best mse")
+    """
+
+    method: str = "none"
+    lr: float | None = None
+    minmax: bool = True
+    minmax_lr: float | None = None
+    range: float = 0.5
+    best: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
 class StageSpec:
     """One distillation stage.
 
@@ -204,6 +233,7 @@ class StageSpec:
     spill_mb      blockwise: activation caches larger than this live in a file under the run directory
     freeze_codes  uniform formats: hold the integer codes fixed while scales/zeros train (EfficientQAT E2E-QP); needed
                   to train step sizes of a GPTQ-initialised student at all (see qat/distill/codes.py)
+    rounding      blockwise, uniform formats: learn the rounding and clipping of each window (SignRound/AutoRound)
     window_eval   blockwise: also measure each window's loss over the whole calibration set before and after it
                   trains (diagnostics in the history; costs about one extra pass per window)
     """
@@ -226,6 +256,7 @@ class StageSpec:
     act_temperature: list[float] | None = None
     spill_mb: float = 2048.0
     freeze_codes: bool = False
+    rounding: RoundingSpec = field(default_factory=RoundingSpec)
     window_eval: bool = False
 
     def validate(self, i: int) -> None:
@@ -233,9 +264,9 @@ class StageSpec:
         if self.kind not in STAGE_KINDS:
             raise RecipeError(f"{w}: unknown stage kind {self.kind!r}; supported: {', '.join(STAGE_KINDS)}")
         self.name = self.name or f"{self.kind}{i}"
-        if self.train is None:
-            self.train = list(DEFAULT_TRAIN[self.kind])
-        if not self.train:
+        if self.train is None:  # a window that learns its rounding trains nothing else by default
+            self.train = [] if self.rounding.enabled else list(DEFAULT_TRAIN[self.kind])
+        if not self.train and not self.rounding.enabled:
             raise RecipeError(f"{w}: train lists no parameters")
         for sel in self.train:
             check_selector(sel, w)
@@ -244,6 +275,20 @@ class StageSpec:
         if self.freeze_codes and any(s in ("latent", "re:.*") for s in self.train):
             raise RecipeError(f"{w}: freeze_codes holds the integer codes fixed, so latent weights get no gradient; "
                               "remove 'latent' from train")
+        r = self.rounding
+        if r.method not in ROUNDING_METHODS:
+            raise RecipeError(f"{w}: unknown rounding method {r.method!r}; supported: {', '.join(ROUNDING_METHODS)}")
+        if r.enabled:
+            if self.kind != "blockwise":
+                raise RecipeError(f"{w}: rounding is a block-wise option (a window learns its rounding, then bakes it)")
+            if self.freeze_codes:
+                raise RecipeError(f"{w}: rounding learns the codes; it cannot run with freeze_codes")
+            if any(s.split(".")[0] == "wq" for s in self.train):
+                raise RecipeError(f"{w}: rounding owns the scales and zero points while a window trains (it learns "
+                                  "the clipping range); remove 'wq' from train")
+            if not r.range > 0 or (r.lr is not None and not r.lr > 0) or (r.minmax_lr is not None and
+                                                                            not r.minmax_lr > 0):
+                raise RecipeError(f"{w}: rounding needs range > 0 and positive learning rates")
         if self.kind == "act" and self.objective not in ACT_OBJECTIVES:
             raise RecipeError(f"{w}: unknown act objective {self.objective!r}; supported: {', '.join(ACT_OBJECTIVES)}")
         block_objective = self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
@@ -365,11 +410,13 @@ class Recipe:
         d = self.data
         if d.source not in DATA_SOURCES:
             raise RecipeError(f"unknown data source {d.source!r}; supported: {', '.join(DATA_SOURCES)}")
-        if d.source == "text" and not d.train_file:
-            raise RecipeError("data.source text needs data.train_file")
+        if d.source in ("text", "mixed") and not d.train_file:
+            raise RecipeError(f"data.source {d.source} needs data.train_file")
+        if d.source == "mixed" and not 0 < d.teacher_fraction < 1:
+            raise RecipeError(f"data.teacher_fraction must be in (0, 1), got {d.teacher_fraction}")
         if d.seq_len < 2 or d.num_samples < 1:
             raise RecipeError("data needs seq_len >= 2 and num_samples >= 1")
-        if d.source == "teacher" and not 0 <= d.prompt_len < d.seq_len:
+        if d.source in ("teacher", "mixed") and not 0 <= d.prompt_len < d.seq_len:
             raise RecipeError(f"data.prompt_len must be in [0, seq_len), got {d.prompt_len}")
         if self.eval.max_tokens < self.eval.seq_len:
             raise RecipeError(f"eval.max_tokens {self.eval.max_tokens} is less than one window of {self.eval.seq_len}")
@@ -404,6 +451,9 @@ class Recipe:
             if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc):
                 raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
                                   f"scale/zero (not lwc), the spec is {spec.describe()}")
+            if s.rounding.enabled and (spec.weight.format != "uniform" or spec.weight.lwc):
+                raise RecipeError(f"stage {i} ({s.name}): rounding {s.rounding.method} needs the uniform format with "
+                                  f"free scale/zero (not lwc), the spec is {spec.describe()}")
             if s.kind == "act" and not spec.act.enabled:
                 raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
                                   f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
@@ -555,6 +605,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 _NESTED = {
     (Recipe, "ptq"): PTQInit, (Recipe, "data"): DataSpec, (Recipe, "eval"): EvalSpec,
     (StageSpec, "loss"): LossSpec, (StageSpec, "optim"): OptimSpec, (StageSpec, "polarize"): PolarizeSpec,
+    (StageSpec, "rounding"): RoundingSpec,
 }
 
 

@@ -251,7 +251,7 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     from qat.data.module import StepDataModule
     from qat.distill import params as P
     from qat.distill.callbacks import DistillCheckpoint, StageProgressBar
-    from qat.distill.data import corpus_windows, eval_ids, teacher_windows
+    from qat.distill.data import corpus_windows, eval_ids, training_pool
     from qat.distill.faults import checkpoint_plugins
     from qat.distill.module import STATE_KEY, DistillModule
     from qat.models import get_adapter
@@ -275,8 +275,14 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
             raise
         raise RecipeError(f"cannot resume on {world} process(es) (the checkpoint was written by "
                           f"{state['world_size']}): {e}") from None
-    if recipe.strategy == "fsdp" and accelerator == "cpu" and not torch.distributed.is_gloo_available():
-        raise RecipeError("strategy fsdp on CPU needs torch.distributed with the gloo backend, which this torch lacks")
+    if recipe.strategy == "fsdp":
+        if accelerator == "cpu" and not torch.distributed.is_gloo_available():
+            raise RecipeError("strategy fsdp on CPU needs torch.distributed with the gloo backend, which this torch "
+                              "lacks")
+        for i, s in enumerate(recipe.stages):
+            if s.rounding.enabled:  # its learner keeps whole-size offsets and bakes into unsharded weights
+                raise RecipeError(f"stage {i} ({s.name}): rounding {s.rounding.method} does not run under strategy "
+                                  "fsdp yet; use strategy ddp")
 
     ckpt_cb = DistillCheckpoint(run_dir / CKPT_DIR, recipe.checkpoint_every)
     cbs = [ckpt_cb, *callbacks]
@@ -332,11 +338,9 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
                 calib = corpus_windows(d, tokenizer, ptq.calib_samples, ptq.seq_len, recipe.seed)
             student = copy.deepcopy(teacher)
 
-    def make_pool(dist):
-        if d.source == "teacher":
-            return teacher_windows(d, teacher, tokenizer, model_dir, recipe.seed, d.cache_dir or run_dir / "data",
-                                   progress=recipe.progress, dist=dist)
-        return corpus_windows(d, tokenizer, d.num_samples, d.seq_len, recipe.seed)
+    def make_pool(dist):  # the training pool (also the calibration source of a teacher/mixed run)
+        return training_pool(d, teacher, tokenizer, model_dir, recipe.seed, d.cache_dir or run_dir / "data",
+                             progress=recipe.progress, dist=dist)
 
     module = DistillModule(recipe, student, teacher, spec=spec, adapter=get_adapter(student), plan=plan,
                            run_dir=run_dir, eval_ids=ev_ids, ptq=ptq, calib=calib, sharded=sharded,
@@ -363,12 +367,12 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
         init = {"ptq": {"method": ptq.method, "calib_samples": ptq.calib_samples, "seq_len": ptq.seq_len,
                         "seconds": module.ptq_seconds}}
     if rank != 0:
-        return {"rank": rank, "run_dir": str(run_dir), "global_steps": module.global_step, "module": module}
+        return {"rank": rank, "run_dir": str(run_dir), "global_steps": module.global_step_, "module": module}
     if sharded:  # the gathered full state into a plain skeleton
         student = copy.deepcopy(_skeleton(model_dir, spec))
         student.load_state_dict({k.removeprefix("student."): v for k, v in module.final_state.items()})
     return _write_outputs(recipe, student, tokenizer, spec, model_dir, module.history, module.loss_log, init,
-                          module.global_step, overwrite, t_start, module=module)
+                          module.global_step_, overwrite, t_start, module=module)
 
 
 def _skeleton(model_dir, spec):

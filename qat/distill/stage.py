@@ -80,6 +80,7 @@ class Stage:
         self.param_names: list[str] = []
         self.last_loss = self.last_main = float("nan")
         self.frozen = None  # FrozenCodes while a freeze_codes stage/window runs
+        self.rounding = None  # SignRound while a window learns its rounding (rounding.py)
 
     # ---- to implement -------------------------------------------------------------------------------------------
     total_steps: int = 0
@@ -104,8 +105,9 @@ class Stage:
         return f"stage {self.index} ({self.spec.name}, {self.spec.kind})"
 
     # ---- shared machinery ---------------------------------------------------------------------------------------
-    def make_trainable(self, prefixes: list[str] | None, total_steps: int) -> None:
-        """requires_grad only on the selected parameters under `prefixes`; a fresh optimizer + schedule for them."""
+    def make_trainable(self, prefixes: list[str] | None, total_steps: int, allow_empty: bool = False) -> None:
+        """requires_grad only on the selected parameters under `prefixes`; a fresh optimizer + schedule for them
+        (none when nothing is selected and `allow_empty`: a window whose only trained state is its rounding)."""
         ctx = self.ctx
         P.freeze_all(ctx.student)
         groups = P.select(ctx.student, self.spec.train, prefixes, ctx.designed, ctx.classes)
@@ -121,6 +123,9 @@ class Stage:
             opt_groups.append({"params": ps, "lr": self.spec.optim.lr.get(sel, self.spec.optim.default_lr),
                                "name": sel})
         if not opt_groups:
+            if allow_empty:
+                self.opt = self.sched = None
+                return
             raise ValueError(f"{self.where()}: nothing to train (train {self.spec.train} matches no parameter here)")
         self.opt = build_optimizer(opt_groups, self.spec.optim, ctx.device)
         self.sched = build_scheduler(self.opt, self.spec.optim, total_steps)
@@ -145,6 +150,25 @@ class Stage:
     def frozen_state(self) -> dict:
         return {"frozen": self.frozen.state_dict()} if getattr(self, "frozen", None) is not None else {}
 
+    def learn_rounding(self, prefixes: list[str], total_steps: int, state: dict | None) -> None:
+        """rounding: the uniform quantizers under `prefixes` learn their rounding and clipping (rounding.py)."""
+        self.rounding = None
+        if not self.spec.rounding.enabled:
+            return
+        from qat.distill.rounding import SignRound
+        from qat.nn import quant_linears
+
+        mods = {n: m for n, m in quant_linears(self.ctx.student).items() if any(n.startswith(p + ".") for p in prefixes)}
+        self.rounding = SignRound(mods, self.spec.rounding, total_steps).attach(state.get("rounding") if state else None)
+
+    def finish_rounding(self) -> None:
+        if self.rounding is not None:
+            self.rounding.finish(self.params)
+            self.rounding = None
+
+    def rounding_state(self) -> dict:
+        return {"rounding": self.rounding.state_dict()} if self.rounding is not None else {}
+
     def release(self) -> None:
         self.opt, self.sched, self.params, self.param_names = None, None, [], []
         P.freeze_all(self.ctx.student)
@@ -153,30 +177,41 @@ class Stage:
         """Backward, the gradient average over the processes, (clipped) step, with the NaN guard: a non-finite loss or
         gradient on any process stops every process before the update. Returns the loss averaged over processes.
 
-        The average covers exactly self.params, the parameters this stage/window trains (a DDP wrapper built once
-        would only see the parameters trainable when it wrapped the model): one all-reduce per ~32 MB bucket of their
-        gradients, the loss riding in the last one. Under FSDP the gradients of sharded parameters are already
-        averaged by FSDP's reduce-scatter in backward; only those it leaves whole (scalars) and the loss are. `main` (the loss without its extra terms, for the log) is
-        averaged alongside and left in self.last_main."""
+        The average covers exactly what this stage/window trains, self.params and the rounding learner's parameters
+        (a DDP wrapper built once would only see the parameters trainable when it wrapped the model): one all-reduce
+        per ~32 MB bucket of their gradients, the loss riding in the last one. Under FSDP the gradients of sharded
+        parameters are already averaged by FSDP's reduce-scatter in backward; only those it leaves whole and the loss
+        are. `main` (the loss without its extra terms, for the log) is averaged alongside, into self.last_main."""
         ctx = self.ctx
         ctx.backward(loss)
-        grads = [p.grad for p in self.params if p.grad is not None and not (ctx.sharded and _is_sharded(p))]
+        params = self.params + (self.rounding.parameters() if self.rounding is not None else [])
+        grads = [p.grad for p in params if p.grad is not None and not (ctx.sharded and _is_sharded(p))]
         losses = torch.stack([loss.detach(), (loss if main is None else main).detach()]).float()
         value, self.last_main = (float(v) for v in ctx.dist.mean_(grads, losses))
         if not math.isfinite(value):
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad(params)
             raise NonFiniteLossError(self._nan_message("loss", value))
+        if self.rounding is not None:
+            self.rounding.observe(value, self.params)  # before the step: the parameters that gave this loss
         clip = self.spec.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if not math.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad(params)
             raise NonFiniteLossError(self._nan_message("gradient norm", norm))
-        ctx.optimizer_step(self.opt)
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            ctx.optimizer_step(self.opt)
+            self.sched.step()
+        if self.rounding is not None:
+            self.rounding.step()
+        self._zero_grad(params)
         self.last_loss = value
         return value
+
+    @staticmethod
+    def _zero_grad(params: list[torch.Tensor]) -> None:
+        for p in params:
+            p.grad = None
 
     def _nan_message(self, what: str, value: float) -> str:
         ckpt = self.ctx.last_checkpoint()

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-hadamard", action="store_true", help="rotate linear inputs by a random Hadamard (W4A4)")
     p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ (uniform): quantize columns by decreasing Hessian diagonal (measured better at every "
+                        "width: docs/PTQ.md)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of mean(diag H)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

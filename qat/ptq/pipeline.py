@@ -26,7 +26,7 @@ PTQ_METHODS = ("rtn", "gptq")
 
 @torch.no_grad()
 def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method: str = "gptq", *,
-                 act_order: bool = False, damp: float = 0.01, batch_size: int = 8, act_sample_tokens: int = 4096,
+                 act_order: bool = True, damp: float = 0.01, batch_size: int = 8, act_sample_tokens: int = 4096,
                  progress: bool = True, dist: Dist = SINGLE) -> list[str]:
     """Quantize `model` in place; returns the names of the quantized linears."""
     if method not in PTQ_METHODS:

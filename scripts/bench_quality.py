@@ -1,0 +1,390 @@
+"""Quality benchmark: our recipes against the post-training and QAT tools people would otherwise use, on two domains.
+
+Every row produces a model (a qat student, or another tool's quantize-dequantize checkpoint) that is evaluated here
+by one protocol: perplexity on the first --eval-tokens tokens of WikiText-2 raw test and of the python-stdlib test
+split (code, a domain none of the rows trains on), windows of 512, bos once. Training/calibration windows are
+sampled (seeded) from WikiText-2 valid, the same windows for every row of the same size.
+
+Rows (`--only` selects by name; results accumulate in docs/quality/<row>.json and docs/RESULTS.md + its PNG are
+rebuilt from all stored rows):
+    fp                       the teacher
+    rtn-*, gptq-*            `qat ptq` (GPTQ act-order, our default)
+    llmc-gptq-*              llm-compressor's GPTQ (scripts/bench_ptq_llmcompressor.py, its own venv .cache/venv-llmc)
+    autoround-*              Intel AutoRound (scripts/bench_autoround.py, its own venv .cache/venv-autoround)
+    torchao-qat-*            torchao QAT (scripts/bench_torchao.py, its own venv .cache/venv-torchao)
+    ours-*                   `qat distill` recipes (configs/smollm2-135m/)
+A row whose tool venv is missing is skipped with a message that says how to create it.
+
+    python scripts/bench_quality.py --only fp gptq-w2g64 ours-w2g64      # some rows
+    python scripts/bench_quality.py --report-only                         # rebuild docs/RESULTS.md from stored rows
+    python scripts/bench_quality.py --quick --out /tmp/q                  # smoke test on a tiny random model (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORPORA = "../shared/assets/corpora"  # repo-relative: the commands below run with cwd = the repo root
+WIKI_VALID = f"{CORPORA}/wikitext-2/valid.txt"
+DOMAINS = {"wikitext2": f"{CORPORA}/wikitext-2-raw/wiki.test.raw", "code": f"{CORPORA}/python-stdlib/test.py.txt"}
+VENVS = {"autoround": ".cache/venv-autoround", "torchao": ".cache/venv-torchao", "llmc": ".cache/venv-llmc"}
+VENV_HELP = {
+    "autoround": "python -m venv .cache/venv-autoround && .cache/venv-autoround/bin/pip install torch==2.13.0 "
+                 "auto-round==0.16.1",
+    "torchao": "python -m venv .cache/venv-torchao && .cache/venv-torchao/bin/pip install torch==2.13.0 "
+               "torchao==0.18.0 transformers",
+    "llmc": "python -m venv .cache/venv-llmc && .cache/venv-llmc/bin/pip install torch==2.13.0 'llmcompressor==0.14.*'",
+}
+CALIB = 64  # calibration windows of 512 tokens for every PTQ row (and AutoRound's tuning set)
+
+
+def _uniform(bits: int) -> dict:
+    return {"format": "uniform", "bits": bits, "group_size": 64, "label": f"W{bits}g64"}
+
+
+# name -> row definition. kind: fp | ptq | distill | autoround | torchao | llmc
+ROWS: dict[str, dict] = {"fp": {"kind": "fp", "label": "FP", "what": "the FP teacher"}}
+for _b in (4, 3, 2):
+    ROWS[f"rtn-w{_b}g64"] = {"kind": "ptq", **_uniform(_b), "what": "RTN (min/max)",
+                             "args": ["--method", "rtn", "--bits", str(_b), "--group-size", "64"]}
+    ROWS[f"gptq-w{_b}g64"] = {"kind": "ptq", **_uniform(_b), "what": "our GPTQ (act-order)",
+                              "args": ["--method", "gptq", "--bits", str(_b), "--group-size", "64", "--act-order"]}
+    ROWS[f"llmc-gptq-w{_b}g64"] = {"kind": "llmc", **_uniform(_b), "what": "llm-compressor 0.14 GPTQ"}
+    ROWS[f"autoround-w{_b}g64"] = {"kind": "autoround", **_uniform(_b),
+                                   "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
+ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
+                             "tokens_like": "ours-w2g64"}
+ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/efficientqat-w2g64.yaml",
+                      "args": [],
+                      "what": "ours: efficientqat-w2g64 recipe"}
+
+
+# ---- running rows -----------------------------------------------------------------------------------------------------
+
+def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run `cmd` (cwd = repo root) with its output in `log`; returns (seconds, peak RSS of the child in MiB)."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        p = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, stdout=f, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, **(env or {})})
+        f.write(p.stderr)
+    seconds = time.time() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"command failed ({p.returncode}), see {log}: {shlex.join(cmd)}")
+    rss_kib = int(p.stderr.strip().splitlines()[-1])
+    return seconds, rss_kib / 1024
+
+
+def evaluate(model_dir: Path, tokens: int) -> dict:
+    """Perplexity on every domain, plus bits/weight, in this process (one model load for both files)."""
+    import torch
+
+    from qat.eval.perplexity import evaluate_file
+    from qat.models.loading import load_any
+    from qat.nn import model_bits_per_weight, quant_linears
+
+    model, tok = load_any(model_dir)
+    out = {}
+    with torch.no_grad():
+        for dom, path in DOMAINS.items():
+            out[dom] = evaluate_file(model, tok, REPO / path, 512, max_tokens=tokens, progress=False)["perplexity"]
+    out["bits_per_weight"] = model_bits_per_weight(model)["bits_per_weight"] if quant_linears(model) else None
+    return out
+
+
+def calib_windows(model: str, work: Path, n: int) -> Path:
+    """n windows of 512 tokens of WikiText-2 valid drawn as every recipe draws its pool (same sampler and seed 0),
+    saved for the tools that run in their own environments."""
+    import torch
+
+    from qat.data.text import sample_windows, tokenize_file
+    from qat.models.loading import load_tokenizer
+
+    path = work / f"calib-{n}x512.pt"
+    if not path.is_file():
+        ids = tokenize_file(REPO / WIKI_VALID, load_tokenizer(REPO / model))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sample_windows(ids, n, 512, 0), path)
+    return path
+
+
+def stage_tokens(history: list[dict]) -> dict:
+    """Training tokens per stage kind: block-wise tokens per block (every window trains one block's worth), e2e."""
+    out = {}
+    for h in history:
+        if h.get("kind") == "blockwise":
+            n = max(len(h.get("windows", [])), 1)
+            out["blockwise_per_window"] = out.get("blockwise_per_window", 0) + h["tokens"] // n
+        elif h.get("kind") in ("e2e", "act"):
+            out[h["kind"]] = out.get(h["kind"], 0) + h["tokens"]
+    return out
+
+
+def run_row(name: str, row: dict, a, work: Path) -> dict | None:
+    out_dir = work / name
+    log = work / "logs" / f"{name}.log"
+    rel = os.path.relpath(out_dir, REPO)
+    res: dict = {"name": name, "kind": row["kind"], "label": row["label"], "what": row["what"]}
+    if row["kind"] in VENVS:
+        py = REPO / VENVS[row["kind"]] / "bin" / "python"
+        if not py.is_file():
+            print(f"skip {name}: {VENVS[row['kind']]} is missing; create it with: {VENV_HELP[row['kind']]}",
+                  file=sys.stderr)
+            return None
+    if row["kind"] == "fp":
+        model_dir, seconds, rss = REPO / a.model, 0.0, None
+        cmd = None
+    elif row["kind"] == "ptq":
+        cmd = [sys.executable, "-m", "qat.cli", "ptq", "--model", a.model, "--data", WIKI_VALID, *row["args"],
+               "--calib-samples", str(a.calib), "--seq-len", "512", "--output", rel, "--overwrite"]
+        seconds, rss = run_cmd(cmd, log)
+        model_dir = out_dir
+        res["tokens"] = {"calibration": a.calib * 512}
+    elif row["kind"] == "distill":
+        cmd = [sys.executable, "-m", "qat.cli", "distill", "--config", row["config"],
+               "--model", a.model, "--output", rel, "--progress", "false", "--overwrite", "true", *row["args"]]
+        seconds, rss = run_cmd(cmd, log)
+        model_dir = out_dir
+        meta = json.loads((out_dir / "qat_student.json").read_text())
+        res["tokens"] = stage_tokens(meta["history"])
+        res["history"] = [{k: h.get(k) for k in ("stage", "kind", "val_ppl", "tokens", "seconds")}
+                          for h in meta["history"]]
+    elif row["kind"] == "autoround":
+        windows = calib_windows(a.model, work, a.calib)
+        cmd = [str(REPO / VENVS["autoround"] / "bin" / "python"), "scripts/bench_autoround.py", "--model", a.model,
+               "--windows", os.path.relpath(windows, REPO), "--bits", str(row["bits"]), "--group-size", "64",
+               "--iters", str(row["iters"]), "--batch-size", str(row["batch"]), "--out", rel]
+        seconds, rss = run_cmd(cmd, log)
+        model_dir = out_dir
+        res["tokens"] = {"blockwise_per_window": row["iters"] * row["batch"] * 512}
+    elif row["kind"] == "torchao":
+        ref = load_result(a.results, row["tokens_like"])
+        if ref is None:
+            print(f"skip {name}: run {row['tokens_like']} first (torchao gets the same training tokens)",
+                  file=sys.stderr)
+            return None
+        t = ref["tokens"]  # every weight of ours sees its block-wise tokens plus the end-to-end ones
+        steps = max(1, (t.get("blockwise_per_window", 0) + t.get("e2e", 0)) // (4 * 512))
+        import yaml
+
+        pool = yaml.safe_load((REPO / ROWS[row["tokens_like"]]["config"]).read_text())["data"]["num_samples"]
+        windows = calib_windows(a.model, work, pool)  # the recipe's training pool (same sampler and seed)
+        cmd = [str(REPO / VENVS["torchao"] / "bin" / "python"), "scripts/bench_torchao.py", "--model", a.model,
+               "--windows", os.path.relpath(windows, REPO), "--bits", str(row["bits"]), "--group-size", "64",
+               "--steps", str(steps), "--batch-size", "4", "--out", rel]
+        seconds, rss = run_cmd(cmd, log)
+        model_dir = out_dir
+        res["tokens"] = {"e2e": steps * 4 * 512}
+    elif row["kind"] == "llmc":
+        cmd = [str(REPO / VENVS["llmc"] / "bin" / "python"), "scripts/bench_ptq_llmcompressor.py", "--model",
+               a.model, "--bits", str(row["bits"]), "--save", rel]
+        seconds, rss = run_cmd(cmd, log)
+        model_dir = out_dir
+        res["tokens"] = {"calibration": a.calib * 512}
+    else:
+        raise ValueError(row["kind"])
+    res.update(evaluate(model_dir, a.eval_tokens))
+    if res["bits_per_weight"] is None and row["kind"] != "fp":  # a q-dq checkpoint of another tool: its format
+        res["bits_per_weight"] = row["bits"] + 24 / 64
+    res.update(seconds=round(seconds, 1), peak_rss_mib=None if rss is None else round(rss),
+               command=None if cmd is None else shlex.join(cmd).replace(sys.executable, "python"),
+               date=time.strftime("%Y-%m-%d"), machine=machine(), eval_tokens=a.eval_tokens)
+    return res
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def load_result(results: Path, name: str) -> dict | None:
+    p = results / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+# ---- the report -------------------------------------------------------------------------------------------------------
+
+def _k(n: int) -> str:
+    return f"{n / 1000:.0f}k" if n >= 10_000 else f"{n:,}"
+
+
+def _fmt_tokens(t: dict | None) -> str:
+    if not t:
+        return "–"
+    parts = []
+    if "calibration" in t:
+        parts.append(f"calib {_k(t['calibration'])}")
+    if "blockwise_per_window" in t:
+        parts.append(f"{_k(t['blockwise_per_window'])}/block")
+    if "e2e" in t:
+        parts.append(f"e2e {_k(t['e2e'])}")
+    if "act" in t:
+        parts.append(f"act {_k(t['act'])}")
+    return " + ".join(parts)
+
+
+def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    if not rows:
+        return
+    fp = next((r for r in rows if r["kind"] == "fp"), None)
+    order = list(known or ROWS)
+    rows.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"]))
+    lines = ["# Results: quality against post-training and QAT tools, on two domains", "",
+             ("Written by `scripts/bench_quality.py` from the rows it stored in docs/quality/ (each row lists the "
+              "command that produced it, the machine and the date). Perplexity on the first "
+              f"{rows[0]['eval_tokens']:,} tokens of WikiText-2 raw test and of python-stdlib test.py.txt (code; "
+              "no row trains on code), windows of 512, bos once. Calibration/training windows: WikiText-2 valid."),
+             ""]
+    head = "| row | format | bits/weight | WikiText-2 | × FP | code | × FP | training tokens | wall | peak RSS |"
+    lines += [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        wx = r["wikitext2"] / fp["wikitext2"] if fp else math.nan
+        cx = r["code"] / fp["code"] if fp else math.nan
+        bpw = "16" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+        wall = "–" if not r["seconds"] else f"{r['seconds'] / 60:.1f} min"
+        rss = "–" if not r.get("peak_rss_mib") else f"{r['peak_rss_mib'] / 1024:.1f} GiB"
+        lines.append(f"| {r['name']}: {r['what']} | {r['label']} | {bpw} | {r['wikitext2']:.2f} | {wx:.2f} | "
+                     f"{r['code']:.2f} | {cx:.2f} | {_fmt_tokens(r.get('tokens'))} | {wall} | {rss} |")
+    lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", "", "## Commands", ""]
+    for r in rows:
+        if r.get("command"):
+            lines.append(f"- {r['name']} ({r['date']}, {r['machine']}): `{r['command']}`")
+    doc.write_text("\n".join(lines) + "\n")
+    plot(rows, results / "ppl_vs_bits.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    kinds = {"ptq": ("o", "PTQ (ours)"), "llmc": ("s", "llm-compressor"), "autoround": ("^", "AutoRound"),
+             "torchao": ("v", "torchao QAT"), "distill": ("*", "ours (distilled)")}
+    for ax, dom in zip(axes, DOMAINS):
+        fp = next((r[dom] for r in rows if r["kind"] == "fp"), None)
+        for kind, (marker, label) in kinds.items():
+            pts = [(r["bits_per_weight"], r[dom], r["name"]) for r in rows if r["kind"] == kind]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60 if marker == "*" else 30,
+                           label=label)
+                for x, y, n in pts:
+                    ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if fp:
+            ax.axhline(fp, color="k", ls="--", lw=0.8, label=f"FP ({fp:.2f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (with scales and zeros)")
+        ax.set_ylabel("perplexity")
+        ax.set_title({"wikitext2": "WikiText-2 (in domain)", "code": "python-stdlib (code, out of domain)"}[dom])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- quick mode (CI smoke test) ----------------------------------------------------------------------------------------
+
+def quick(out: Path) -> int:
+    """A random-init 2-block Llama with SmolLM2's tokenizer: fp, RTN, GPTQ and a two-stage distillation row run
+    end to end through the same code paths, into `out` (never into docs/)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    assets = REPO.parent / "shared" / "assets" / "smollm2-135m-instruct"
+    model_dir = out / "tiny-model"
+    if not (model_dir / "model.safetensors").is_file():
+        cfg = AutoConfig.from_pretrained(assets)
+        cfg.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 16})
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(assets).save_pretrained(model_dir)
+    recipe = out / "tiny-recipe.yaml"
+    shutil.copy(REPO / "configs" / "tiny" / "w2-three-stages.yaml", recipe)
+    stages = [{"kind": "blockwise", "steps": 2, "batch_size": 2, "rounding": {"method": "signround"}},
+              {"kind": "e2e", "steps": 2, "batch_size": 2, "train": ["wq.scale"], "freeze_codes": True}]
+    rows = {k: v for k, v in ROWS.items() if k in ("fp", "gptq-w2g64")}
+    rows["ours-w2-tiny"] = {"kind": "distill", **_uniform(2), "label": "W2g32", "config": os.path.relpath(recipe, REPO),
+                            "what": "tiny two-stage recipe (SignRound, then scales end to end)",
+                            "args": ["--quant.act.bits", "16", "--stages", json.dumps(stages)]}
+    a = argparse.Namespace(model=os.path.relpath(model_dir, REPO), eval_tokens=512, results=out / "quality",
+                           calib=4)
+    for name, row in rows.items():
+        save(a.results, run_row(name, row, a, out / "work"))
+    write_report(a.results, out / "RESULTS.md", rows)
+    return 0
+
+
+def save(results: Path, res: dict | None) -> None:
+    if res is None:
+        return
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{res['name']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+    print(f"{res['name']:24s} wiki {res['wikitext2']:10.2f}  code {res['code']:10.2f}  {res['seconds']:7.0f}s",
+          file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=".cache/smollm2-135m", help="repo-relative model directory")
+    ap.add_argument("--only", nargs="*", help="rows to run (names, see the docstring); default: every row")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--work", default="runs/quality", help="scratch directory for the models (repo-relative)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, every code path, seconds (CI)")
+    ap.add_argument("--out", default=None, help="--quick: where to write (default: a temporary directory)")
+    ap.add_argument("--eval-dir", default=None, help="only evaluate this model directory on both domains (JSON line)")
+    a = ap.parse_args(argv)
+    if a.eval_dir:
+        print(json.dumps({"model": a.eval_dir, **evaluate(Path(a.eval_dir), a.eval_tokens)}))
+        return 0
+    if a.quick:
+        import tempfile
+
+        out = Path(a.out or tempfile.mkdtemp(prefix="qat-quality-"))
+        out.mkdir(parents=True, exist_ok=True)
+        return quick(out.resolve())
+    a.results, a.calib = REPO / "docs" / "quality", CALIB
+    if not a.report_only:
+        names = a.only or list(ROWS)
+        unknown = [n for n in names if n not in ROWS]
+        if unknown:
+            ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+        for name in names:
+            save(a.results, run_row(name, ROWS[name], a, REPO / a.work))
+    write_report(a.results, REPO / "docs" / "RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
