@@ -7,6 +7,8 @@ CPU, nccl on GPU), so qat.ptq and qat.eval stay free of Lightning.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
@@ -15,11 +17,19 @@ BUCKET_BYTES = 32 * 2**20  # gradients are averaged in flat buckets of about thi
 
 def comm_error_text(e: BaseException) -> str:
     """The useful part of a gloo/nccl error: its first line without the source location and the generic advice."""
-    import re
-
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)
     return first.split(". This is typically")[0].rstrip(".")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """An error of the process group itself (a peer died or timed out), not of the work around it."""
+    if isinstance(e, (LostPeerError, getattr(dist, "DistError", ()))):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in msg for k in (
+        "connection closed by peer", "connection reset by peer", "broken pipe", "socket timeout", "timed out",
+        "communicator was aborted", "processgroupnccl", "processgroupgloo"))
 
 
 class LostPeerError(RuntimeError):
@@ -51,6 +61,8 @@ class Dist:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # gloo/nccl: "Connection closed by peer", timeouts, aborted communicators
+            if not is_comm_failure(e):
+                raise
             raise LostPeerError(f"process {self.rank} of {self.world} lost contact with the others "
                                 f"({comm_error_text(e)})") from e
 

@@ -278,6 +278,60 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path, one_proc):
     assert [len(h["shards"]) for h in _history(out)[1:]] == [2, 2, 2]
 
 
+# ---- statistics reduced over processes ----------------------------------------------------------------------------------
+
+SPECS = {"gptq-w2a4": {"weight": {"format": "uniform", "bits": 2, "group_size": 32}, "act": {"bits": 4}},
+         "blockldlq-vq": {"weight": {"format": "vq"}}}
+
+
+def _reduced_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One process of `world`: PTQ (GPTQ W2 with A4, BlockLDLQ VQ), CAKLD's gamma and perplexity, with `dist`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from conftest import tiny_model
+
+    from qat.config import QuantSpec
+    from qat.dist import Dist
+    from qat.distill.losses import teacher_confidence
+    from qat.eval.perplexity import perplexity
+    from qat.ptq.pipeline import ptq_quantize
+
+    d = Dist()
+    ids = torch.randint(0, 256, (20, 32), generator=torch.Generator().manual_seed(0))  # 3 chunks of 8: 2 + 1
+    res = {"gamma": teacher_confidence(tiny_model("llama"), ids[:11], 4, d),
+           "ppl": perplexity(tiny_model("llama"), ids.flatten(), 32, batch_size=3, progress=False, dist=d)["nll"]}
+    for name, spec in SPECS.items():
+        model = tiny_model("llama")
+        ptq_quantize(model, QuantSpec.from_dict(spec), ids, "gptq", progress=False, dist=d,
+                     act_sample_tokens=300)  # 300 tokens: the samples span the first two chunks (1.2 rows of 256)
+        res[name] = model.state_dict()
+    if rank == 0:
+        torch.save(res, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ptq_statistics_gamma_and_perplexity_reduced_over_processes_equal_one_process(tmp_path):
+    """On 2 processes each one runs its own calibration chunks; the Gram sums (float64, exact for a few float32
+    terms), token counts and leading activation samples are reduced, and each linear is quantized by one process and
+    broadcast: the PTQ init is bit-identical to one process's. CAKLD's gamma and the perplexity (float64 sums dealt
+    over processes) agree to float64 rounding."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(REPO / "tests"))
+    _reduced_worker(0, 1, "", str(tmp_path / "one.pt"))
+    mp.spawn(_reduced_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name in SPECS:
+        assert one[name].keys() == two[name].keys()
+        assert [k for k in one[name] if not torch.equal(one[name][k], two[name][k])] == [], name
+    assert two["gamma"] == pytest.approx(one["gamma"], rel=1e-12, abs=0)
+    assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-12, abs=0)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------------
 
 def _cli_error(tiny_dir, out, capsys, *extra) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qat.config import QuantSpec
-from qat.dist import LostPeerError, comm_error_text
+from qat.dist import LostPeerError, comm_error_text, is_comm_failure
 from qat.distill.recipe import Recipe, RecipeError
 from qat.distill.stage import DistillContext, NonFiniteLossError  # noqa: F401  (re-exported for callers)
 
@@ -178,17 +178,15 @@ def make_strategy(recipe: Recipe, accelerator: str, devices: int, num_nodes: int
         without its DistributedDataParallel wrapper: DDP registers gradient hooks once, for the parameters that
         require grad when it wraps the model (none here: everything starts frozen, which DDP refuses), while the
         trainable set changes with every block-wise window. Stage.optimize averages exactly the gradients it
-        trains instead (one all-reduce per 32 MB bucket). The stages save their optimizer state themselves."""
+        trains instead (one all-reduce per 32 MB bucket)."""
 
         def configure_ddp(self) -> None:
             pass
 
-        def optimizer_state(self, optimizer) -> dict:
-            return {}
-
     class ShardedStrategy(ModelParallelStrategy):
         """FSDP2 over all processes (DistillModule.configure_model shards student and teacher); checkpoints are full
-        state dicts written by rank 0, so a resume can shard them over another number of processes."""
+        state dicts written by rank 0, so a resume can shard them over another number of processes. The stages
+        gather their optimizer state themselves (Stage.opt_state), so Lightning's gathering it again is skipped."""
 
         def optimizer_state(self, optimizer) -> dict:
             return {}
@@ -227,16 +225,6 @@ def _checkpoint_state(path: Path) -> dict:
     if STATE_KEY not in ck:
         raise ValueError(f"checkpoint {str(path)!r} has no qat distill state (not written by `qat distill`)")
     return ck
-
-
-def _is_comm_failure(e: BaseException) -> bool:
-    if isinstance(e, LostPeerError):
-        return True
-    if isinstance(e, getattr(torch.distributed, "DistError", ())):
-        return True
-    msg = str(e)
-    return isinstance(e, RuntimeError) and any(k in msg for k in ("Connection closed by peer", "Connection reset",
-                                                                     "Gloo", "gloo", "NCCL", "timed out"))
 
 
 def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, callbacks=(),
@@ -353,7 +341,7 @@ def run_distill(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
         try:
             trainer.fit(module, datamodule=StepDataModule(plan, make_pool), ckpt_path=str(ckpt) if ckpt else None)
         except Exception as e:
-            if world > 1 and _is_comm_failure(e):
+            if world > 1 and is_comm_failure(e):
                 last = ckpt_cb.last_path or ckpt
                 why = str(e) if isinstance(e, LostPeerError) else (f"process {rank} of {world} lost contact with the "
                                                                    f"others ({comm_error_text(e)})")

@@ -74,11 +74,10 @@ def ptq_quantize(model, spec: QuantSpec, calib_ids: torch.Tensor | None, method:
             if m.act_quantizer is not None:
                 m.act_quantizer.init_from(stats[n].sample())
         del stats
-        if dist.active:  # each linear from the process that quantized it (integer/bool buffers are init-independent)
+        if dist.active:  # each linear (weight, quantizer parameters and buffers) from the process that quantized it
             for k, m in enumerate(qlins.values()):
                 for t in m.state_dict().values():
-                    if t.is_floating_point():
-                        dist.broadcast_(t, src=dist.owner(k))
+                    dist.broadcast_(t.view(torch.uint8) if t.dtype == torch.bool else t, src=dist.owner(k))
         for j in range(0, len(chunks) * batch_size, batch_size):  # the next block sees this block's quantized output
             hidden[j : j + batch_size] = run_block(block, hidden[j : j + batch_size], kwargs)
     return names
