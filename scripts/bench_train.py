@@ -129,10 +129,17 @@ class Config:
         who = self.fmt or "FP"  # trainable-by-design map, from the model as first built (students are reloaded)
         if who not in env["designed"]:
             env["designed"][who] = snapshot_trainable(student)
-        ctx = DistillContext(student=student, teacher=env["fp_model"], adapter=get_adapter(student),
-                             spec=spec or env["fp_spec"], train_ids=env["ids"][: max(self.batch, 1)],
+        from qat.data.module import StagePlan, StepPlan
+        from qat.distill.blockwise import make_units, make_windows
+
+        n = max(self.batch, 1)
+        adapter = get_adapter(student)
+        windows = len(make_windows(len(make_units(len(adapter.blocks(student)), sspec.units)), sspec.window,
+                                   sspec.overlap)) if kind == "blockwise" else 1
+        ctx = DistillContext(student=student, teacher=env["fp_model"], adapter=adapter,
+                             spec=spec or env["fp_spec"], train_ids=env["ids"][:n],
                              device=torch.device("cpu"), run_dir=env["run_dir"], seed=0,
-                             designed=env["designed"][who])
+                             designed=env["designed"][who], plan=StepPlan([StagePlan(0, n, n, windows, 10**6, 0)]))
         if kind == "blockwise":
             from qat.distill.blockwise import BlockwiseStage
 
@@ -154,6 +161,11 @@ def open_stage(cfg: Config, env: dict):
     stage.opt.step()
     stage.opt.zero_grad(set_to_none=True)
     return stage
+
+
+def train_step(stage) -> dict:
+    """One optimizer step on every row of the stage's pool (one batch)."""
+    return stage.train_step(torch.arange(len(stage.ctx.train_ids)))
 
 
 def close_stage(stage) -> None:
@@ -231,7 +243,7 @@ def tensor_peak_mb(stage) -> float:
         if store is not None and getattr(store, "data", None) is not None:
             held.append(store.data)
     with PeakTensorMemory(held) as mem:
-        stage.train_step()
+        train_step(stage)
     return round(mem.peak / 2**20, 1)
 
 
@@ -266,12 +278,12 @@ def visit(cfg: Config, env: dict, timed: bool) -> None:
         stage = open_stage(cfg, env)
         try:
             if not timed:
-                stage.train_step()  # warm-up (first visit only)
+                train_step(stage)  # warm-up (first visit only)
                 if env["memory"]:
                     cfg.memory = tensor_peak_mb(stage)
                 return
             t0, c0 = time.perf_counter(), time.process_time()
-            stage.train_step()
+            train_step(stage)
             cfg.times.append(time.perf_counter() - t0)
             cfg.cpu.append(time.process_time() - c0)
         finally:
@@ -287,7 +299,7 @@ def profile_step(cfg: Config, env: dict, rows: int = 22) -> str:
         stage = open_stage(cfg, env)
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                stage.train_step()
+                train_step(stage)
         finally:
             close_stage(stage)
     torch.set_num_threads(env["threads"])

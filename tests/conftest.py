@@ -77,3 +77,37 @@ def tiny_model(family: str, seed: int = 0):
 
 
 FAMILIES = ["llama", "qwen2", "opt", "gpt2", "gpt_neox"]
+
+
+# ---- tiny model directory: random llama + a byte-level tokenizer (vocab 256 = the tiny model's) ----------------------
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, wikitext_valid):
+    """A tiny random llama with a byte-level tokenizer (vocab 256) and excerpts of WikiText-2 valid as train / val
+    text: what the distillation tests run on."""
+    d = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama")
+    model.save_pretrained(d / "model")
+    _byte_tokenizer().save_pretrained(d / "model")
+    text = wikitext_valid.read_text(encoding="utf-8")
+    (d / "train.txt").write_text(text[:20000], encoding="utf-8")
+    (d / "val.txt").write_text(text[20000:30000], encoding="utf-8")
+    return d

@@ -158,109 +158,90 @@ def test_sequences_round_trip_and_errors(tmp_path):
         load_sequences(tmp_path / "dict.pt")
 
 
-# ---- DataModule ----
+# ---- the step loader of qat distill (qat/data/module.py) ----
 
-def _dm(**kw):
-    from qat.data.module import TextDataModule
+def _plan():
+    from qat.data.module import StagePlan, StepPlan
 
-    return TextDataModule(**kw)
-
-
-@pytest.fixture()
-def seq_file(tmp_path):
-    """50 windows of 8 tokens whose first token is the window number: batches are easy to identify."""
-    seqs = [torch.cat([torch.tensor([i]), torch.full((7,), 1000 + i)]) for i in range(50)]
-    return save_sequences(seqs, tmp_path / "teacher.pt")
+    # a block-wise stage (3 windows x 5 steps over 14 rows, batch 4: lanes of 3, 2 rows unused) and an e2e stage
+    return StepPlan([StagePlan(0, 14, 4, 3, 5, 11), StagePlan(1, 20, 4, 1, 7, 12)])
 
 
-def test_datamodule_text_windows_and_calibration(tokenizer, assets_dir):
-    story = assets_dir / "corpora" / "tinystories" / "tinystories_sample.txt"
-    dm = _dm(tokenizer=tokenizer, train_files=story, seq_len=64, batch_size=4, seed=3, max_train_tokens=600)
-    dm.setup("fit")
-    ids = tokenize(read_text(story), tokenizer)[:600]
-    assert torch.equal(dm.train_ids, ids)
-    assert torch.equal(dm.train_windows, pack_windows(ids, 64))
-    assert dm.val_dataloader() == []
-    cal = dm.calibration(5, seq_len=32)
-    assert torch.equal(cal, sample_windows(ids, 5, 32, seed=3))
-    assert torch.equal(cal, _dm(tokenizer=tokenizer, train_files=[story], seq_len=64, seed=3,
-                                max_train_tokens=600).calibration(5, seq_len=32))
+def _batches(plan, rank, world, start=0):
+    from qat.data.module import StepLoader
+
+    loader = StepLoader(plan, rank, world)
+    loader.batch_sampler.start = start
+    return [b.tolist() for b in loader]
 
 
-def test_datamodule_val_fraction_split_is_seeded_and_disjoint(seq_file):
-    dm = _dm(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=4, seed=1, val_fraction=0.2)
-    dm.setup()
-    tr, va = dm.train_windows[:, 0].tolist(), dm.val_windows[:, 0].tolist()
-    assert len(va) == 10 and len(tr) == 40 and sorted(tr + va) == list(range(50))
-    dm2 = _dm(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=4, seed=1, val_fraction=0.2)
-    dm2.setup()
-    assert dm2.val_windows[:, 0].tolist() == va
-    dm3 = _dm(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=4, seed=2, val_fraction=0.2)
-    dm3.setup()
-    assert dm3.val_windows[:, 0].tolist() != va
-    assert [b[:, 0].tolist() for b in dm.val_dataloader()] == [va[i:i + 4] for i in range(0, 10, 4)]
+def test_step_plan_locates_every_step():
+    plan = _plan()
+    assert plan.total == 22
+    assert [plan.locate(g) for g in (0, 4, 5, 14, 15, 21)] == [(0, 0, 0), (0, 0, 4), (0, 1, 0), (0, 2, 4),
+                                                                (1, 0, 0), (1, 0, 6)]
 
 
-def test_datamodule_val_file_and_bad_arguments(seq_file, tmp_path, tokenizer):
-    val = save_sequences([torch.arange(20)], tmp_path / "val.pt")
-    dm = _dm(tokenizer=None, train_files=seq_file, val_file=val, seq_len=8, max_val_tokens=17)
-    dm.setup()
-    assert torch.equal(dm.val_windows, torch.arange(16).view(2, 8))
-    with pytest.raises(ValueError, match="either val_file or val_fraction"):
-        _dm(tokenizer=None, train_files=seq_file, val_file=val, val_fraction=0.1)
-    (tmp_path / "t.txt").write_text("some text")
-    with pytest.raises(ValueError, match="is text and needs a tokenizer"):
-        _dm(tokenizer=None, train_files=tmp_path / "t.txt", seq_len=2).setup()
-    (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="is empty"):
-        _dm(tokenizer=tokenizer, train_files=tmp_path / "empty.txt", seq_len=2).setup()
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_are_disjoint_cover_the_lanes_and_global_batches_do_not_depend_on_the_world_size(world):
+    plan = _plan()
+    one = _batches(plan, 0, 1)
+    per_rank = [_batches(plan, r, world) for r in range(world)]
+    for s in plan.stages:
+        lanes = s.lanes()
+        shards = [set(s.rows_of(r, world).tolist()) for r in range(world)]
+        assert sum(len(x) for x in shards) == len(set().union(*shards)) == lanes.numel()  # disjoint
+        assert set().union(*shards) == set(lanes.flatten().tolist())  # covering
+        for g in range(plan.starts[s.index], plan.starts[s.index] + s.total):
+            assert all(set(per_rank[r][g]) <= shards[r] for r in range(world))  # a rank trains on its shard only
+    # step by step, the ranks' rows put together (in rank order) are the one-process batch
+    assert [sum((per_rank[r][g] for r in range(world)), []) for g in range(plan.total)] == one
 
 
-def test_train_order_seeded_per_epoch(seq_file):
-    def epoch_orders(seed):
-        loader = _dm(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=8, seed=seed).train_dataloader()
-        out = []
-        for epoch in range(2):
-            loader.set_epoch(epoch)
-            out.append(torch.cat([b[:, 0] for b in loader]).tolist())
-        return out
+def test_every_epoch_of_a_window_sees_each_lane_row_once_and_batches_mix_anew():
+    from qat.data.module import StagePlan, StepPlan
 
-    e0, e1 = epoch_orders(5)
-    assert e0 == torch.randperm(50, generator=torch.Generator().manual_seed(5)).tolist()
-    assert e1 == torch.randperm(50, generator=torch.Generator().manual_seed(6)).tolist()
-    assert epoch_orders(5) == [e0, e1]
-    assert sorted(e0) == list(range(50)) and e0 != e1
+    s = StagePlan(0, 12, 3, 2, 8, 5)  # lanes of 4: steps 0-3 epoch 0, 4-7 epoch 1 of each window
+    b = _batches(StepPlan([s]), 0, 1)
+    rows = set(s.lanes().flatten().tolist())
+    for w in range(2):
+        for e in range(2):
+            epoch = b[w * 8 + e * 4: w * 8 + e * 4 + 4]
+            assert sorted(sum(epoch, [])) == sorted(rows)
+    assert {frozenset(x) for x in b[0:4]} != {frozenset(x) for x in b[4:8]}  # new batch compositions
+    assert b[0:8] != b[8:16]  # and another order in the next window
 
 
-def test_state_round_trip_gives_same_next_batches(seq_file):
-    kw = dict(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=4, seed=11)
-    dm = _dm(**kw)
-    loader = dm.train_dataloader()
-    loader.set_epoch(2)
+def test_loader_state_round_trip_continues_with_the_next_step():
+    from qat.data.module import StagePlan, StepLoader, StepPlan
+
+    plan = _plan()
+    loader = StepLoader(plan, 1, 2)
     it = iter(loader)
-    for _ in range(3):
+    for _ in range(9):
         next(it)
-    state = dm.state_dict()
-    assert state["epoch"] == 2 and state["batches_consumed"] == 3
-    rest = [b.clone() for b in it]
+    state = loader.state_dict()
+    assert state["position"] == 9
+    rest = [b.tolist() for b in it]
+    again = StepLoader(plan, 1, 2)
+    again.load_state_dict(state)
+    assert len(again) == 22  # Lightning counts the whole run
+    assert [b.tolist() for b in again] == rest == _batches(plan, 1, 2)[9:]
+    # the position is global: another number of processes resumes at the same step
+    four = StepLoader(plan, 0, 4)
+    four.load_state_dict(state)
+    assert [b.tolist() for b in four] == _batches(plan, 0, 4)[9:]
+    other = StepLoader(StepPlan([StagePlan(0, 14, 4, 3, 6, 11), plan.stages[1]]), 0, 1)
+    with pytest.raises(ValueError, match="written for another step schedule"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"stage 0 \(bw\): its batch of 4 rows cannot be split evenly over 3"):
+        plan.stages[0].check_world(3, "bw")
 
-    dm2 = _dm(**kw)
-    dm2.load_state_dict(state)
-    loader2 = dm2.train_dataloader()
-    assert len(loader2) == len(loader) == 13  # Lightning counts the epoch's full length
-    resumed = list(loader2)
-    assert len(resumed) == len(rest) == 10
-    assert all(torch.equal(a, b) for a, b in zip(resumed, rest))
-    # the next epoch is a full, freshly shuffled one
-    loader2.set_epoch(3)
-    assert torch.cat([b[:, 0] for b in loader2]).tolist() == \
-        torch.randperm(50, generator=torch.Generator().manual_seed(14)).tolist()
-    with pytest.raises(ValueError, match="checkpoint has batch_size=4, the data now has batch_size=5"):
-        _dm(**{**kw, "batch_size": 5}).train_dataloader().load_state_dict(state)
 
-
-def test_lightning_mid_epoch_resume_sees_the_same_batches(seq_file, tmp_path):
+def test_lightning_mid_run_resume_sees_the_same_batches(tmp_path):
     import lightning as L
+
+    from qat.data.module import StepDataModule
 
     class Recorder(L.LightningModule):
         def __init__(self):
@@ -269,29 +250,28 @@ def test_lightning_mid_epoch_resume_sees_the_same_batches(seq_file, tmp_path):
             self.seen: list[list[int]] = []
 
         def training_step(self, batch, batch_idx):
-            self.seen.append(batch[:, 0].tolist())
+            self.seen.append(batch.tolist())
             return (self.w * batch.float().mean()).sum()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def trainer(max_steps, **kw):
-        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        return L.Trainer(max_steps=max_steps, max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)
 
-    kw = dict(tokenizer=None, train_files=seq_file, seq_len=8, batch_size=8, seed=4)  # 6 full batches + 1 of 2
+    plan = _plan()
+    dm = lambda: StepDataModule(plan, lambda dist: torch.zeros(20, 2))  # noqa: E731
     straight = Recorder()
-    trainer(17, enable_checkpointing=False).fit(straight, datamodule=_dm(**kw))
-    assert len(straight.seen) == 17
+    trainer(-1, enable_checkpointing=False).fit(straight, datamodule=dm())
+    assert straight.seen == _batches(plan, 0, 1)
 
     first = Recorder()
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=10, save_top_k=-1)
-    trainer(10, callbacks=[ckpt]).fit(first, datamodule=_dm(**kw))
-    path = tmp_path / "ck" / "epoch=1-step=10.ckpt"
-    assert path.is_file()
+    trainer(10, callbacks=[ckpt]).fit(first, datamodule=dm())
+    path = tmp_path / "ck" / "epoch=0-step=10.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert saved["TextDataModule"] == {"seed": 4, "epoch": 1, "batches_consumed": 3, "batch_size": 8,
-                                       "num_samples": 50}
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 10
     second = Recorder()
-    trainer(17, enable_checkpointing=False).fit(second, datamodule=_dm(**kw), ckpt_path=str(path))
+    trainer(-1, enable_checkpointing=False).fit(second, datamodule=dm(), ckpt_path=str(path))
     assert first.seen + second.seen == straight.seen

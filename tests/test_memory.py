@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
-from test_distill import recipe_for, run, tiny_dir  # noqa: F401  (tiny_dir: the distillation tests' fixture)
+from test_distill import recipe_for, run
 from test_finetune import finetune, tiny  # noqa: F401  (tiny: the fine-tuning tests' fixture)
 from test_finetune import recipe_for as finetune_recipe
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
-from test_distill import TINY_RECIPE, KillAt, _byte_tokenizer, recipe_for, run
+from conftest import _byte_tokenizer
+from test_distill import TINY_RECIPE, KillAt, recipe_for, run
 
 from qat.cli import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import KillAt, recipe_for, run, tiny_dir  # noqa: F401  (module fixture reused)
+from test_distill import KillAt, recipe_for, run
 
 from qat.config import QuantSpec
 from qat.distill.recipe import RecipeError, RoundingSpec
@@ -157,7 +157,7 @@ def test_rounding_window_resumes_bit_exactly(tiny_dir, tmp_path, rounding):  # n
     ({"rounding": {"method": "signround", "range": 0}}, None, "range > 0"),
     ({"rounding": {"method": "signround"}}, '{weight: {format: binary11, group_size: 32}}', "needs the uniform format"),
 ])
-def test_bad_rounding_options_fail_before_work(tiny_dir, tmp_path, stage, quant, match):  # noqa: F811
+def test_bad_rounding_options_fail_before_work(tiny_dir, tmp_path, stage, quant, match):
     s = {"kind": "blockwise", "steps": 2, **stage}
     extra = ["--quant", quant] if quant else []
     with pytest.raises(RecipeError, match=match), warnings.catch_warnings():
@@ -176,7 +176,7 @@ def test_interleave_keeps_every_prefix_mixed():
     assert torch.equal(interleave(a, b), interleave(a, b))
 
 
-def test_mixed_pool_holds_corpus_and_teacher_windows(tiny_dir, tmp_path):  # noqa: F811
+def test_mixed_pool_holds_corpus_and_teacher_windows(tiny_dir, tmp_path):
     from qat.distill.data import corpus_windows, teacher_windows, training_pool
     from qat.distill.recipe import DataSpec
     from qat.models.loading import load_fp_model, load_tokenizer

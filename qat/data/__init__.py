@@ -1,5 +1,5 @@
-"""Data layer: local text/jsonl files -> token ids -> windows; TextDataModule for training (imported lazily, so
-`qat eval` never imports lightning)."""
+"""Data layer: local text/jsonl files -> token ids -> windows; StepDataModule, the per-process step loader of
+`qat distill` (qat/data/module.py, imported lazily, so `qat eval` never imports lightning)."""
 from qat.data.text import (
     load_sequences,
     pack_windows,
@@ -11,13 +11,13 @@ from qat.data.text import (
     tokenize_file,
 )
 
-__all__ = ["TextDataModule", "load_sequences", "pack_windows", "read_json_documents", "read_text", "sample_windows",
+__all__ = ["StepDataModule", "load_sequences", "pack_windows", "read_json_documents", "read_text", "sample_windows",
            "save_sequences", "tokenize", "tokenize_file"]
 
 
 def __getattr__(name: str):
-    if name == "TextDataModule":
-        from qat.data.module import TextDataModule
+    if name == "StepDataModule":
+        from qat.data.module import StepDataModule
 
-        return TextDataModule
+        return StepDataModule
     raise AttributeError(f"module 'qat.data' has no attribute {name!r}")

@@ -148,7 +148,7 @@ def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.
 
 
 def save_sequences(sequences: Sequence[torch.Tensor | Sequence[int]], path: str | os.PathLike) -> Path:
-    """Store pre-tokenized sequences (e.g. text sampled from the teacher) as a train source for TextDataModule."""
+    """Store pre-tokenized sequences (e.g. text sampled from the teacher, the cache of qat/distill/data.py)."""
     seqs = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

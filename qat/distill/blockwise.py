@@ -20,6 +20,10 @@ Caches: teacher hidden states are computed once per stage, boundary by boundary 
 unit runs exactly once), and kept only while a window needs them; every cache is an ActivationStore, in memory or in
 a file under <run_dir>/cache above `spill_mb`. Resuming at window w recomputes S_start and the teacher boundaries it
 needs from the (deterministic) embeddings with the same row chunks, which reproduces the caches bit for bit.
+
+On several processes each one caches and trains on its own shard of the calibration rows (`rows`, fixed for the
+stage by qat/data/module.py); the losses that steer the stage (first-step loss of ACBQ's adaptive weight, window_eval)
+are averaged over the processes, so every process takes the same decisions.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 from qat.distill.cache import ActivationStore
 from qat.distill.losses import block_loss
 from qat.distill.recipe import StageSpec
-from qat.distill.stage import BatchOrder, DistillContext, Stage, stage_seed
+from qat.distill.stage import DistillContext, Stage
 from qat.models import capture_block_inputs, run_block, run_unit
 
 
@@ -63,9 +67,12 @@ class BlockwiseStage(Stage):
         self.blocks_t = ad.blocks(ctx.teacher)
         self.units = make_units(len(self.blocks_s), spec.units)
         self.windows = make_windows(len(self.units), spec.window, spec.overlap)
-        n = ctx.train_ids.shape[0] if spec.samples is None else min(spec.samples, ctx.train_ids.shape[0])
-        self.ids = ctx.train_ids[:n]
-        self.steps_per_window = spec.steps_for(n)
+        plan = ctx.plan.stages[index]
+        self.rows = plan.rows_of(ctx.dist.rank, ctx.dist.world)  # the pool rows this process caches and trains on
+        self.local = torch.full((plan.n_rows,), -1, dtype=torch.long)  # pool row -> position in the caches
+        self.local[self.rows] = torch.arange(len(self.rows))
+        self.ids = ctx.train_ids[self.rows]
+        self.steps_per_window = plan.steps_per_window
         self.total_steps = len(self.windows) * self.steps_per_window
         self.window_idx, self.step_in_window = 0, 0
         self.unit_errors: list[float] = []  # ACBQ adaptive weight: first-step loss of every window so far
@@ -75,7 +82,6 @@ class BlockwiseStage(Stage):
         self.S_at = 0
         self.T: dict[int, ActivationStore] = {}
         self.kwargs: dict = {}
-        self.order: BatchOrder | None = None
         self._first_loss = float("nan")
         self._loss_before = float("nan")
 
@@ -168,36 +174,36 @@ class BlockwiseStage(Stage):
         self.freeze_codes(self.prefixes, state)
         self.learn_rounding(self.prefixes, self.steps_per_window, state)
         self.bitmaps = self.bitmap_quantizers(self.prefixes)
-        self.order = BatchOrder(len(self.ids), self.spec.batch_size, stage_seed(self.ctx.seed, self.index, w))
         if state:
             self.load_opt_state(state)
-            self.order.load_state_dict(state["order"])
         elif self.spec.window_eval:
             self._loss_before = self.full_loss()
 
     @torch.no_grad()
     def full_loss(self) -> float:
-        """The window's main loss over every cached calibration row (diagnostics, window_eval)."""
+        """The window's main loss over every cached calibration row of every process (diagnostics, window_eval)."""
         lo, dev, b = self.spec.loss, self.ctx.device, self.ctx.infer_batch
         start, end = self.windows[self.window_idx]
-        total = 0.0
+        total = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(self.S), b):
             sl = slice(i, i + b)
             out = self._forward(self.blocks_s, start, end, self.S.get(sl, dev))
             n = out.shape[0]
-            total += float(block_loss(out, self.T[end].get(sl, dev), lo.kind, lo.sink_weight, lo.cosine_weight)) * n
-        return total / len(self.S)
+            total[0] += float(block_loss(out, self.T[end].get(sl, dev), lo.kind, lo.sink_weight, lo.cosine_weight)) * n
+            total[1] += n
+        self.ctx.dist.sum_(total)
+        return float(total[0] / total[1])
 
     def _forward(self, blocks, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
         for u in range(start, end):
             h = self.run_unit(blocks, u, h)
         return h
 
-    def train_step(self) -> dict:
+    def train_step(self, rows: torch.Tensor) -> dict:
         ctx, lo = self.ctx, self.spec.loss
         self.before_step()
         start, end = self.windows[self.window_idx]
-        idx = self.order.next()
+        idx = self.local[rows.cpu()]  # positions in this process's caches (the module checked the rows are its own)
         dev = ctx.device
         target = self.T[end].get(idx, dev)
         out = self._forward(self.blocks_s, start, end, self.S.get(idx, dev))
@@ -206,8 +212,8 @@ class BlockwiseStage(Stage):
         if lo.homologous:
             out_fp = self._forward(self.blocks_s, start, end, self.T[start].get(idx, dev))
             loss = loss + block_loss(out_fp, target, lo.kind, lo.sink_weight, lo.cosine_weight)
-        if self.step_in_window == 0:
-            self._first_loss = float(main.detach())
+        if self.step_in_window == 0:  # averaged over the processes: every one computes the same omega
+            self._first_loss = float(ctx.dist.mean_([], main.detach().float().reshape(1)))
             if lo.cross_unit_weight > 0:
                 self.unit_errors.append(self._first_loss)
                 mean_e = sum(self.unit_errors) / len(self.unit_errors)
@@ -229,12 +235,12 @@ class BlockwiseStage(Stage):
         reg = self.rounding.regularizer(frac) if self.rounding is not None else None
         if reg is not None:  # AdaRound's push of the soft rounding to 0/1
             loss = loss + reg
-        value = self.optimize(loss)
+        value = self.optimize(loss, main)
         self.step_in_window += 1
         self.step += 1
         if self.step_in_window == self.steps_per_window:
             self._finish_window(value)
-        return {"loss": value, "main_loss": float(main.detach()), "tokens": int(idx.numel() * self.ids.shape[1])}
+        return {"loss": value, "main_loss": self.last_main, "tokens": int(idx.numel() * self.ids.shape[1])}
 
     def _finish_window(self, last_loss: float) -> None:
         w = self.window_idx
@@ -268,7 +274,6 @@ class BlockwiseStage(Stage):
         return {"window": self.window_idx, "step_in_window": self.step_in_window, "unit_errors": self.unit_errors,
                 "omega": self.omega, "window_log": self.window_log, "first_loss": self._first_loss,
                 "loss_before": self._loss_before,
-                "order": self.order.state_dict() if self.order and not self.done else None,
                 **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {}),
                 **(self.rounding_state() if not self.done else {})}
 

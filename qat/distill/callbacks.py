@@ -70,10 +70,13 @@ class CheckpointFiles:
         fsync_dir(self.dirpath)
 
     def write(self, trainer, info: dict) -> Path:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        """Every process takes part in save_checkpoint (the strategy may gather state); rank 0 alone writes files."""
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_path()
         trainer.save_checkpoint(tmp, weights_only=False)
-        self.commit(tmp, info)
+        if trainer.is_global_zero:
+            self.commit(tmp, info)
         return self.last
 
     def find_resumable(self) -> tuple[Path, str | None]:
@@ -141,7 +144,7 @@ class StageProgressBar(ProgressBar):
             self._bar = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if not self._enabled:
+        if not self._enabled or not trainer.is_global_zero:
             return
         from tqdm.auto import tqdm
 
@@ -169,6 +172,8 @@ class StageProgressBar(ProgressBar):
 
     def on_distill_stage_end(self, trainer, module) -> None:
         self._close()
+        if not trainer.is_global_zero:
+            return
         h = module.history[-1]
         msg = f"stage {h['index']} {h['stage']} done: final loss {h.get('final_loss', float('nan')):.4g}"
         if "val_ppl" in h:

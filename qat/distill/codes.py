@@ -15,6 +15,10 @@ Only quantizers with free scale/zero parameters qualify (not LWC, whose s and z 
 
 Resume: the codes are a function of the (frozen) latent weight and the (s, z) at the start, so only those small
 [out, n_groups] tensors go into the checkpoint and the codes are recomputed bit for bit.
+
+FSDP (qat distill --strategy fsdp): the weights are sharded DTensors outside the forward, so the start (s, z) are kept
+whole on every process and the codes are recomputed in the forward from the gathered latent (the same numbers); bake()
+computes the new latent whole and writes each process's shard.
 """
 from __future__ import annotations
 
@@ -22,6 +26,18 @@ import torch
 from torch import nn
 
 from qat.nn import QuantLinear
+from qat.quantizers.uniform import frozen_affine
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP-sharded DTensor (a collective), else t."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def supports_frozen_codes(q: nn.Module) -> bool:
@@ -42,7 +58,8 @@ class FrozenCodes:
                              f"lwc); {bad[0]} has {modules[bad[0]].weight_quantizer.extra_repr()}")
         self.modules = modules
         self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.codes: dict[str, torch.Tensor] = {}
+        self.codes: dict[str, torch.Tensor | None] = {}
+        self._handles: list = []
 
     @torch.no_grad()
     def attach(self, state: dict | None = None) -> FrozenCodes:
@@ -51,20 +68,38 @@ class FrozenCodes:
             if state is not None:
                 s0, z0 = (t.to(m.weight.device) for t in state[name])
             else:
-                s0, z0 = (t.detach().clone() for t in q.scale_zero(m.weight))
+                s0, z0 = (_whole(t).detach().clone() for t in q.scale_zero(m.weight))
             self.start[name] = (s0, z0)
-            codes = _codes(q, m.weight, s0, z0)
+            codes = None if _is_dtensor(m.weight) else _codes(q, m.weight, s0, z0)
             self.codes[name] = codes
-            q.frozen_codes = codes  # the quantizer's forward is then (q - z) * s with the current (s, z)
+            if codes is not None:
+                q.frozen_codes = codes  # the quantizer's forward is then (q - z) * s with the current (s, z)
+                continue
+            # FSDP: the latent is a shard outside the forward; the codes come from the gathered latent in a hook
+
+            def hook(mod, args, _out, s0=s0, z0=z0):
+                c = _codes(mod, args[0], s0, z0)
+                s, z = mod.scale_zero(args[0])
+                # the same (fused) op as the quantizer's frozen_codes path, so FSDP and DDP runs agree bit for bit
+                return frozen_affine(c, s.unsqueeze(-1), z.unsqueeze(-1)).reshape(mod.out_features, mod.in_features)
+
+            self._handles.append(q.register_forward_hook(hook))
         return self
 
     @torch.no_grad()
     def bake(self) -> None:
         """latent := (q - z) * s with the current (s, z), so the ordinary forward gives the trained weights."""
         for name, m in self.modules.items():
-            s, z = m.weight_quantizer.scale_zero(m.weight)
-            w = (self.codes[name] - z.unsqueeze(-1)) * s.unsqueeze(-1)
-            m.weight.copy_(w.reshape(m.weight.shape).to(m.weight.dtype))
+            latent = _whole(m.weight)
+            s, z = (_whole(t) for t in m.weight_quantizer.scale_zero(latent))
+            codes = self.codes[name] if self.codes[name] is not None else _codes(m.weight_quantizer, latent,
+                                                                                 *self.start[name])
+            w = ((codes - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(m.weight.shape).to(m.weight.dtype)
+            if _is_dtensor(m.weight):
+                from torch.distributed.tensor import distribute_tensor
+
+                w = distribute_tensor(w, m.weight.device_mesh, m.weight.placements, src_data_rank=None)
+            m.weight.copy_(w)
 
     def finish(self) -> None:
         self.bake()
@@ -73,6 +108,9 @@ class FrozenCodes:
     def detach(self) -> None:
         for m in self.modules.values():
             m.weight_quantizer.frozen_codes = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
     def state_dict(self) -> dict:
         return {n: (s.cpu(), z.cpu()) for n, (s, z) in self.start.items()}

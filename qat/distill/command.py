@@ -27,11 +27,15 @@ def run(a) -> int:
     from qat.distill.run import TrainingIncompleteError, run_distill
     from qat.distill.stage import NonFiniteLossError
 
+    from qat.dist import LostPeerError
+
     recipe, extra = parse_args(list(a.argv))
     try:
         result = run_distill(recipe, resume=extra["resume"], overwrite=extra["overwrite"])
-    except (NonFiniteLossError, TrainingIncompleteError) as e:
+    except (NonFiniteLossError, TrainingIncompleteError, LostPeerError) as e:
         raise CLIError(str(e)) from None
+    if result["rank"] != 0:
+        return 0  # rank 0 reports for the whole run
     print(json.dumps({"output": result["output"], "run_dir": result["run_dir"], "seconds": result["seconds"],
                       "steps": result["global_steps"],
                       "val_ppl": {h["stage"]: round(h["val_ppl"], 3) for h in result["history"] if "val_ppl" in h}}))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from qat.dist import SINGLE, Dist
 from qat.distill.recipe import DataSpec
 
 
@@ -22,17 +23,18 @@ def model_fingerprint(model_dir) -> str:
     return h.hexdigest()
 
 
-def training_pool(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, cache_dir, progress: bool = True
-                  ) -> torch.Tensor:
-    """[num_samples, seq_len] training windows for `spec.source` (text | teacher | mixed)."""
+def training_pool(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, cache_dir, progress: bool = True,
+                  dist: Dist = SINGLE) -> torch.Tensor:
+    """[num_samples, seq_len] training windows for `spec.source` (text | teacher | mixed); the same on every process
+    of a multi-process run (`dist` shares the teacher sampling)."""
     if spec.source == "text":
         return corpus_windows(spec, tokenizer, spec.num_samples, spec.seq_len, seed)
     if spec.source == "teacher":
-        return teacher_windows(spec, teacher, tokenizer, model_dir, seed, cache_dir, progress)
+        return teacher_windows(spec, teacher, tokenizer, model_dir, seed, cache_dir, progress, dist)
     n_t = min(max(round(spec.num_samples * spec.teacher_fraction), 1), spec.num_samples - 1)
     corpus = corpus_windows(spec, tokenizer, spec.num_samples - n_t, spec.seq_len, seed)
     gen = teacher_windows(dataclasses.replace(spec, num_samples=n_t), teacher, tokenizer, model_dir, seed, cache_dir,
-                          progress)
+                          progress, dist)
     return interleave(corpus, gen)
 
 
@@ -50,10 +52,14 @@ def corpus_windows(spec: DataSpec, tokenizer, n: int, seq_len: int, seed: int) -
 
 
 @torch.no_grad()
-def teacher_windows(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, cache_dir, progress: bool = True
-                    ) -> torch.Tensor:
+def teacher_windows(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, cache_dir, progress: bool = True,
+                    dist: Dist = SINGLE) -> torch.Tensor:
     """[num_samples, seq_len] sequences sampled from the teacher (prompt = the first prompt_len tokens of a corpus
-    window, or the bos token alone), cached under cache_dir keyed by everything that changes them."""
+    window, or the bos token alone), cached under cache_dir keyed by everything that changes them.
+
+    Each chunk of gen_batch_size sequences is sampled from its own seed, so the pool does not depend on how many
+    processes share the work: on N processes chunk c is sampled by process c mod N and sent to the others; process 0
+    alone reads and writes the cache."""
     from qat.data.text import load_sequences, save_sequences
 
     n, L, P = spec.num_samples, spec.seq_len, spec.prompt_len
@@ -64,16 +70,20 @@ def teacher_windows(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, ca
         prompt_src = hashlib.sha256(Path(spec.train_file).read_bytes()).hexdigest()
     elif tokenizer.bos_token_id is None:
         raise ValueError("data.source teacher with prompt_len 0 needs a tokenizer with a bos token")
-    key = json.dumps({"v": 1, "model": model_fingerprint(model_dir), "n": n, "L": L, "P": P, "T": spec.temperature,
-                      "top_p": spec.top_p, "seed": seed, "prompts": prompt_src}, sort_keys=True)
+    key = json.dumps({"v": 2, "model": model_fingerprint(model_dir), "n": n, "L": L, "P": P, "T": spec.temperature,
+                      "top_p": spec.top_p, "seed": seed, "prompts": prompt_src, "chunk": spec.gen_batch_size},
+                     sort_keys=True)
     path = Path(cache_dir) / f"teacher-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
+    cached = None
+    if dist.rank == 0 and path.is_file():
         try:
             seqs = load_sequences(path)
             if len(seqs) == n and all(s.numel() == L for s in seqs):
-                return torch.stack(seqs)
+                cached = torch.stack(seqs)
         except ValueError:
             pass  # a damaged cache entry is regenerated
+    if dist.broadcast_object(cached is not None):
+        return dist.broadcast_(cached if cached is not None else torch.empty(n, L, dtype=torch.long))
     if P > 0:
         prompts = corpus_windows(spec, tokenizer, n, P, seed)
     else:
@@ -85,18 +95,22 @@ def teacher_windows(spec: DataSpec, teacher, tokenizer, model_dir, seed: int, ca
     gen = GenerationConfig(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
                            max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
     dev = next(teacher.parameters()).device
-    torch.manual_seed(seed)
-    out = []
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(0, n, spec.gen_batch_size), desc="teacher samples", disable=not progress, unit="batch"):
-        p = prompts[i: i + spec.gen_batch_size].to(dev)
+    b = spec.gen_batch_size
+    n_chunks = -(-n // b)
+    windows = torch.empty(n, L, dtype=torch.long)
+    for c in tqdm(dist.mine(n_chunks), desc="teacher samples", disable=not progress or dist.rank > 0, unit="batch"):
+        p = prompts[c * b: (c + 1) * b].to(dev)
+        torch.manual_seed(seed * 1_000_003 + c)
         seq = teacher.generate(input_ids=p, attention_mask=torch.ones_like(p), generation_config=gen)
-        out.append(seq[:, :L].cpu())
-    windows = torch.cat(out)
-    if windows.shape[1] != L:
-        raise ValueError(f"teacher generation returned {windows.shape[1]} tokens, expected {L}")
-    save_sequences(list(windows), path)
+        if seq.shape[1] < L:
+            raise ValueError(f"teacher generation returned {seq.shape[1]} tokens, expected {L}")
+        windows[c * b: (c + 1) * b] = seq[:, :L].cpu()
+    for c in range(n_chunks) if dist.active else ():
+        dist.broadcast_(windows[c * b: (c + 1) * b], src=dist.owner(c))
+    if dist.rank == 0:
+        save_sequences(list(windows), path)
     return windows
 
 

@@ -15,7 +15,7 @@ import torch
 
 from qat.distill.losses import block_loss, logits_loss, next_token_ce, teacher_confidence
 from qat.distill.recipe import StageSpec
-from qat.distill.stage import BatchOrder, DistillContext, Stage, stage_seed
+from qat.distill.stage import DistillContext, Stage
 
 GAMMA_WINDOWS = 16  # windows used to estimate the teacher confidence of CAKLD
 
@@ -26,9 +26,8 @@ class E2EStage(Stage):
     def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
         super().__init__(ctx, spec, index)
         self.ids = ctx.train_ids
-        self.total_steps = spec.steps_for(self.ids.shape[0])
+        self.total_steps = ctx.plan.stages[index].total
         self.gamma: float | None = None
-        self.order: BatchOrder | None = None
 
     def begin(self, state: dict | None) -> None:
         ctx = self.ctx
@@ -36,20 +35,18 @@ class E2EStage(Stage):
         self.make_trainable(None, self.total_steps)
         self.freeze_codes(None, state)
         self.bitmaps = self.bitmap_quantizers(None)
-        self.order = BatchOrder(self.ids.shape[0], self.spec.batch_size, stage_seed(ctx.seed, self.index))
         if state:
             self.step = int(state["step"])
             self.gamma = state.get("gamma")
             self.load_opt_state(state)
-            self.order.load_state_dict(state["order"])
         if self.spec.loss.kind == "cakld" and self.gamma is None:
-            self.gamma = teacher_confidence(ctx.teacher, self.ids[:GAMMA_WINDOWS], ctx.infer_batch)
+            self.gamma = teacher_confidence(ctx.teacher, self.ids[:GAMMA_WINDOWS], ctx.infer_batch, ctx.dist,
+                                            lockstep=ctx.sharded)
 
-    def train_step(self) -> dict:
+    def train_step(self, rows: torch.Tensor) -> dict:
         ctx, lo = self.ctx, self.spec.loss
         self.before_step()
-        idx = self.order.next()
-        x = self.ids[idx].to(ctx.device)
+        x = self.ids[rows.cpu()].to(ctx.device)
         hidden = lo.hidden_weight > 0
         need_teacher = lo.kind != "ce" or hidden
         t_out = None
@@ -70,9 +67,9 @@ class E2EStage(Stage):
         if pol is not None:
             loss = loss + pol
         del t_out, s_out  # the [B, L, vocab] logits are not needed by the backward pass: free them before it
-        value = self.optimize(loss)
+        value = self.optimize(loss, main)
         self.step += 1
-        return {"loss": value, "main_loss": float(main.detach()), "tokens": int(x.numel())}
+        return {"loss": value, "main_loss": self.last_main, "tokens": int(x.numel())}
 
     def end(self) -> None:
         self.unfreeze_codes()
@@ -80,7 +77,7 @@ class E2EStage(Stage):
         self.release()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "gamma": self.gamma, "order": self.order.state_dict() if self.order else None,
+        return {"step": self.step, "gamma": self.gamma,
                 **(self.opt_state() if not self.done else {}), **(self.frozen_state() if not self.done else {})}
 
     def where(self) -> str:

@@ -204,14 +204,25 @@ def logits_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.T
 
 
 @torch.no_grad()
-def teacher_confidence(teacher, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """BitDistiller's gamma: mean over the data of the teacher's probability of each actual next token."""
+def teacher_confidence(teacher, windows: torch.Tensor, batch_size: int = 4, dist=None, lockstep: bool = False
+                       ) -> float:
+    """BitDistiller's gamma: mean over the data of the teacher's probability of each actual next token. On several
+    processes (`dist`, qat/dist.py) the batches are dealt round-robin and the sums added up (float64); `lockstep`
+    (FSDP: every process must run every forward) runs the left-over turns on a batch whose result is dropped."""
+    from qat.dist import SINGLE
+
+    dist = dist or SINGLE
     dev = next(teacher.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        x = windows[i: i + batch_size].to(dev)
+    n_batches = -(-windows.shape[0] // batch_size)
+    turns = -(-n_batches // dist.world) if lockstep else None
+    mine = list(dist.mine(n_batches))
+    sums = torch.zeros(2, dtype=torch.float64)
+    for t in range(turns if lockstep else len(mine)):
+        c = mine[t] if t < len(mine) else None
+        x = windows[(c if c is not None else 0) * batch_size:][:batch_size].to(dev)
         logp = F.log_softmax(teacher(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
         p = logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1).exp()
-        total += float(p.sum())
-        count += p.numel()
-    return total / max(count, 1)
+        if c is not None:
+            sums += torch.tensor([float(p.sum()), p.numel()], dtype=torch.float64)
+    dist.sum_(sums)
+    return float(sums[0] / max(float(sums[1]), 1.0))

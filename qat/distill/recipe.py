@@ -31,6 +31,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
 DATA_SOURCES = ("text", "teacher", "mixed")
 ROUNDING_METHODS = ("none", "signround", "adaround")
+STRATEGIES = ("auto", "ddp", "fsdp")
 PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
 DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
 
@@ -390,6 +391,12 @@ class Recipe:
     output     the student checkpoint directory written at the end (the run's state lives in run_dir)
     run_dir    Lightning checkpoints, TensorBoard logs, caches (default: <output>.run)
     quant      the quant spec (qat.config.QuantSpec); may be omitted when `student` is given
+    devices    processes per node: an int, or auto (what torchrun / SLURM started per node, else 1); more than one
+               without a launcher: Lightning starts them on this machine (docs/SCALING.md)
+    num_nodes  nodes of the run (must match the launch environment)
+    strategy   auto (one process: plain; several: ddp) | ddp (every process holds the whole student, gradients
+               averaged) | fsdp (FSDP2: student and teacher sharded over the processes)
+    dist_timeout  seconds a process waits in a collective for the others before it stops with an error
     """
 
     model: str | None = None
@@ -404,6 +411,10 @@ class Recipe:
     memory: MemorySpec = field(default_factory=MemorySpec)
     seed: int = 0
     device: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    dist_timeout: float = 1800.0
     precision: str = "32-true"
     checkpoint_every: int = 100
     progress: bool = True
@@ -435,6 +446,14 @@ class Recipe:
             raise RecipeError(f"data.prompt_len must be in [0, seq_len), got {d.prompt_len}")
         if self.eval.max_tokens < self.eval.seq_len:
             raise RecipeError(f"eval.max_tokens {self.eval.max_tokens} is less than one window of {self.eval.seq_len}")
+        if self.strategy not in STRATEGIES:
+            raise RecipeError(f"unknown strategy {self.strategy!r}; supported: {', '.join(STRATEGIES)}")
+        if self.devices != "auto" and not (isinstance(self.devices, int) and self.devices >= 1):
+            raise RecipeError(f"devices must be a positive number of processes per node or auto, got {self.devices!r}")
+        if self.num_nodes < 1:
+            raise RecipeError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if not self.dist_timeout > 0:
+            raise RecipeError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.checkpoint_every < 1:
             raise RecipeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         # 16-mixed is left out on purpose: its GradScaler only works with optimizers Lightning owns

@@ -1,14 +1,16 @@
-"""What every stage shares: the run context, the seeded batch order, the optimizer step with its NaN guard, and the
-binary11 bitmap helpers (polarization, hardening).
+"""What every stage shares: the run context, the optimizer step with its gradient average over processes and its
+NaN guard, and the binary11 bitmap helpers (polarization, hardening).
 
 A stage is driven one optimizer step at a time by the LightningModule (qat/distill/module.py):
     begin(state)    build caches/optimizer; `state` is the stage's own state_dict() when resuming mid-stage
-    train_step()    one optimizer step -> {"loss": float, "tokens": int}
+    train_step(rows) one optimizer step on the pool rows this process was given (qat/data/module.py decides which)
+                    -> {"loss": float (averaged over the processes), "tokens": int (this process's)}
     done            True once the budget is spent;  end(): finish (harden bitmaps, free caches)
-    state_dict()    everything needed to continue bit-exactly: position, optimizer + scheduler state, data order
+    state_dict()    everything needed to continue bit-exactly: position, optimizer + scheduler state
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,17 @@ import torch
 from torch import nn
 
 from qat.config import QuantSpec
+from qat.dist import SINGLE, Dist
 from qat.distill import params as P
 from qat.distill.optim import build_optimizer, build_scheduler
 from qat.distill.recipe import StageSpec
 from qat.nn import QuantLinear
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,12 +45,16 @@ class DistillContext:
     teacher: nn.Module
     adapter: Any
     spec: QuantSpec
-    train_ids: torch.Tensor  # [N, L] int64 training windows (CPU)
+    train_ids: torch.Tensor  # [N, L] int64 training windows, the pool (CPU)
     device: torch.device
     run_dir: Path
     seed: int = 0
     designed: dict[str, bool] = field(default_factory=dict)  # trainable by design, snapshot at run start
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()
+    optimizer_step: Callable[[torch.optim.Optimizer], None] = lambda opt: opt.step()
+    dist: Dist = SINGLE  # the processes of the run (qat/dist.py)
+    plan: Any = None  # qat.data.module.StepPlan: which pool rows each stage trains on, on this process
+    sharded: bool = False  # FSDP: parameters are sharded and FSDP averages their gradients in backward
     last_checkpoint: Callable[[], str | None] = lambda: None
     act_bypass: P.ActBypass | None = None
     infer_batch: int = 8  # rows per no-grad forward when propagating caches (fixed: resume replays the same chunks)
@@ -50,35 +63,6 @@ class DistillContext:
         self.classes = P.classify(self.student)
         if self.act_bypass is None:
             self.act_bypass = P.ActBypass(self.student)
-
-
-class BatchOrder:
-    """Batches of row indices from a seeded permutation per epoch; the position (epoch, cursor) is the whole state,
-    so a resumed run draws exactly the batches the interrupted one would have."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
-        self.epoch, self.cursor = 0, 0
-        self._perm: torch.Tensor | None = None
-
-    def _permutation(self) -> torch.Tensor:
-        if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            self._perm = torch.randperm(self.n, generator=g)
-        return self._perm
-
-    def next(self) -> torch.Tensor:
-        if self.cursor + self.batch_size > self.n:
-            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
-        idx = self._permutation()[self.cursor: self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.cursor, self._perm = int(s["epoch"]), int(s["cursor"]), None
 
 
 def stage_seed(base: int, stage: int, window: int = 0) -> int:
@@ -94,7 +78,7 @@ class Stage:
         self.sched = None
         self.params: list[nn.Parameter] = []
         self.param_names: list[str] = []
-        self.last_loss = float("nan")
+        self.last_loss = self.last_main = float("nan")
         self.frozen = None  # FrozenCodes while a freeze_codes stage/window runs
         self.rounding = None  # SignRound while a window learns its rounding (rounding.py)
 
@@ -103,7 +87,7 @@ class Stage:
     step: int = 0  # steps done in this stage
 
     def begin(self, state: dict | None) -> None: ...
-    def train_step(self) -> dict: ...
+    def train_step(self, rows: torch.Tensor) -> dict: ...
     def before_step(self) -> None:
         """Called at the start of every train_step (the act stage anneals its temperature here)."""
 
@@ -190,22 +174,34 @@ class Stage:
         self.opt, self.sched, self.params, self.param_names = None, None, [], []
         P.freeze_all(self.ctx.student)
 
-    def optimize(self, loss: torch.Tensor) -> float:
-        """Backward + (clipped) step with the NaN guard: a non-finite loss or gradient stops before the update."""
-        value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
+    def optimize(self, loss: torch.Tensor, main: torch.Tensor | None = None) -> float:
+        """Backward, the gradient average over the processes, (clipped) step, with the NaN guard: a non-finite loss or
+        gradient on any process stops every process before the update. Returns the loss averaged over processes.
+
+        The average covers exactly what this stage/window trains, self.params and the rounding learner's parameters
+        (a DDP wrapper built once would only see the parameters trainable when it wrapped the model): one all-reduce
+        per ~32 MB bucket of their gradients, the loss riding in the last one. Under FSDP the gradients of sharded
+        parameters are already averaged by FSDP's reduce-scatter in backward; only those it leaves whole and the loss
+        are. `main` (the loss without its extra terms, for the log) is averaged alongside, into self.last_main."""
+        ctx = self.ctx
+        ctx.backward(loss)
+        params = self.params + (self.rounding.parameters() if self.rounding is not None else [])
+        grads = [p.grad for p in params if p.grad is not None and not (ctx.sharded and _is_sharded(p))]
+        losses = torch.stack([loss.detach(), (loss if main is None else main).detach()]).float()
+        value, self.last_main = (float(v) for v in ctx.dist.mean_(grads, losses))
+        if not math.isfinite(value):
+            self._zero_grad(params)
             raise NonFiniteLossError(self._nan_message("loss", value))
         if self.rounding is not None:
             self.rounding.observe(value, self.params)  # before the step: the parameters that gave this loss
-        self.ctx.backward(loss)
         clip = self.spec.optim.grad_clip
-        params = self.params + (self.rounding.parameters() if self.rounding is not None else [])
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if not torch.isfinite(norm):
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+        if not math.isfinite(norm):
             self._zero_grad(params)
-            raise NonFiniteLossError(self._nan_message("gradient norm", float(norm)))
+            raise NonFiniteLossError(self._nan_message("gradient norm", norm))
         if self.opt is not None:
-            self.opt.step()
+            ctx.optimizer_step(self.opt)
             self.sched.step()
         if self.rounding is not None:
             self.rounding.step()
@@ -227,12 +223,30 @@ class Stage:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)} if self.opt else {}
 
     def opt_state(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()} if self.opt else {}
+        """Optimizer + schedule state; under FSDP the optimizer's full (unsharded) state, keyed by parameter name, so a
+        resume may shard it over another number of processes (a collective: every process calls it)."""
+        if not self.opt:
+            return {}
+        if self.ctx.sharded and self.opt.state:  # (on an optimizer without state, torch's helper would take a step)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt = get_optimizer_state_dict(self.ctx.student, self.opt,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt = self.opt.state_dict()
+        return {"opt": opt, "sched": self.sched.state_dict()}
 
     def load_opt_state(self, s: dict) -> None:
-        if s.get("opt") is not None:
+        if s.get("opt") is None:
+            return
+        if self.ctx.sharded and s["opt"]["state"]:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.ctx.student, self.opt, s["opt"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
             self.opt.load_state_dict(s["opt"])
-            self.sched.load_state_dict(s["sched"])
+        self.sched.load_state_dict(s["sched"])
 
     # ---- binary11 bitmaps ---------------------------------------------------------------------------------------
     def bitmap_quantizers(self, prefixes: list[str] | None = None) -> list[nn.Module]:

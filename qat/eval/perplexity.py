@@ -41,11 +41,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4,
-               max_tokens: int | None = None, progress: bool = True, device: str | torch.device | None = None) -> dict:
+               max_tokens: int | None = None, progress: bool = True, device: str | torch.device | None = None,
+               dist=None, lockstep: bool = False) -> dict:
     """PPL of a causal LM (any HF model returning `.logits`, FP or with QuantLinears) on a 1-D token stream (packed
     here into non-overlapping windows) or on ready [n, seq_len] windows.
     Returns {"perplexity", "nll" (mean nats/token), "tokens" (tokens fed), "predicted" (positions scored),
-    "windows", "seq_len"}."""
+    "windows", "seq_len"}.
+
+    On several processes (`dist`, qat/dist.py: qat distill) the batches are dealt round-robin and the float64 sums
+    added up, so every process returns the one-process figure; `lockstep` (FSDP, where every process must run every
+    forward) runs the left-over turns on a batch whose result is dropped."""
+    from qat.dist import SINGLE
+
+    dist = dist or SINGLE
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -64,18 +72,24 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch_si
     metric = NextTokenPerplexity().to(device)
     was_training = model.training
     model.eval()
+    n_batches = -(-len(windows) // batch_size)
+    mine = list(dist.mine(n_batches))
+    turns = -(-n_batches // dist.world) if lockstep else len(mine)
     try:
         with torch.no_grad(), tqdm(total=len(windows), desc="perplexity", unit="win", file=sys.stderr,
-                                   disable=not progress, leave=False) as bar:
-            for start in range(0, len(windows), batch_size):
-                x = windows[start: start + batch_size].to(device)
+                                   disable=not progress or dist.rank > 0, leave=False) as bar:
+            for t in range(turns):
+                b = mine[t] if t < len(mine) else None
+                x = windows[(b if b is not None else 0) * batch_size:][:batch_size].to(device)
                 logits = model(input_ids=x, use_cache=False).logits
-                metric.update(logits[:, :-1], x[:, 1:])
+                if b is not None:
+                    metric.update(logits[:, :-1], x[:, 1:])
                 bar.update(len(x))
     finally:
         model.train(was_training)
-    nll = (metric.total_log_probs / metric.count).item()
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": windows.numel(), "predicted": int(metric.count.item()),
+    sums = dist.sum_(torch.stack([metric.total_log_probs, metric.count.to(torch.float64)]).cpu())
+    nll = (sums[0] / sums[1]).item()
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": windows.numel(), "predicted": int(sums[1].item()),
             "windows": len(windows), "seq_len": seq_len}
 
 

@@ -1,7 +1,8 @@
-"""FinetuneModule: the LightningModule of `qat finetune` (manual optimization, one optimizer step per tick).
+"""FinetuneModule: the LightningModule of `qat finetune` (manual optimization, one optimizer step per batch).
 
 It drives one end-to-end distillation stage (qat/distill/e2e.py) whose `train` list is the LoRA parameters, on a peft
-model around the frozen low-bit base, and shares the distillation machinery: the seeded batch order, the optimizer
+model around the frozen low-bit base, and shares the distillation machinery: the step loader (qat/data/module.py:
+the rows of every step, resumable with Lightning's fit loop), the optimizer
 factory, the NaN guard, the checkpoint callback (qat/distill/callbacks.py), the progress bar and the summary plot.
 What differs from DistillModule:
   - the whole model stays in eval mode: the base runs exactly its deployed forward (eval-mode quantizers; binary11
@@ -14,7 +15,6 @@ states, history and loss log, so `--resume last` continues at the exact batch wh
 """
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from typing import Any
@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from qat.distill.module import _numpy_rng_state, _peak_memory_mb
 from qat.distill.recipe import EvalSpec, StageSpec
@@ -30,11 +29,6 @@ from qat.distill.stage import DistillContext
 
 STATE_KEY = "qat_finetune"
 STATE_VERSION = 1
-
-
-class _Ticks(IterableDataset):
-    def __iter__(self):
-        return itertools.repeat(0)
 
 
 class FinetuneModule(L.LightningModule):
@@ -81,7 +75,9 @@ class FinetuneModule(L.LightningModule):
         return None  # the stage builds its optimizer; its state is checkpointed by on_save_checkpoint
 
     def train_dataloader(self):
-        return DataLoader(_Ticks(), batch_size=None)
+        from qat.data.module import StepLoader
+
+        return StepLoader(self.ctx.plan)  # one process: qat finetune runs on one device
 
     def on_fit_start(self) -> None:
         self.ctx.device = self.device
@@ -108,7 +104,7 @@ class FinetuneModule(L.LightningModule):
             self._start_stage()
         self._modes()
         t0 = time.perf_counter()
-        m = self.stage.train_step()
+        m = self.stage.train_step(batch)
         dt = max(time.perf_counter() - t0, 1e-9)
         self.global_step_ += 1
         self._tokens += m["tokens"]

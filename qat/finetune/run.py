@@ -171,7 +171,8 @@ def _train(recipe: FinetuneRecipe, pre: dict, overwrite: bool, callbacks, tensor
     from qat.distill.callbacks import DistillCheckpoint, write_summary_png
     from qat.distill.data import eval_ids
     from qat.distill.memory import ActivationCheckpointing, load_teacher
-    from qat.distill.stage import DistillContext
+    from qat.data.module import StagePlan, StepPlan
+    from qat.distill.stage import DistillContext, stage_seed
     from qat.finetune.base import load_base
     from qat.finetune.lora import base_fingerprint, lora_config, peft_warnings, save_adapter
     from qat.finetune.module import FinetuneModule
@@ -206,10 +207,14 @@ def _train(recipe: FinetuneRecipe, pre: dict, overwrite: bool, callbacks, tensor
 
     ckpt_cb = DistillCheckpoint(pre["files"], recipe.checkpoint_every)
     spec = QuantSpec.from_dict(pre["spec"]) if pre["spec"] else QuantSpec()
+    stage_spec = recipe.stage_spec()
+    n = len(train)
+    plan = StepPlan([StagePlan(0, n, min(stage_spec.batch_size, n), 1, stage_spec.steps_for(n),
+                               stage_seed(recipe.seed, 0))])
     ctx = DistillContext(student=model, teacher=teacher, adapter=get_adapter(base), spec=spec, train_ids=train,
                          device=device, run_dir=run_dir, seed=recipe.seed, designed=P.snapshot_trainable(model),
-                         last_checkpoint=lambda: str(ckpt_cb.last_path) if ckpt_cb.last_path else None)
-    module = FinetuneModule(ctx, recipe.stage_spec(), recipe.eval, ev_ids, fingerprint)
+                         plan=plan, last_checkpoint=lambda: str(ckpt_cb.last_path) if ckpt_cb.last_path else None)
+    module = FinetuneModule(ctx, stage_spec, recipe.eval, ev_ids, fingerprint)
     ctx.backward = module.manual_backward
     fit(module, device=device, run_dir=run_dir, precision=recipe.precision, progress=recipe.progress,
         callbacks=[ckpt_cb, *callbacks], tensorboard=tensorboard, ckpt=ckpt)

@@ -99,7 +99,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, adapter: Arc
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    # prepend: stop before any other pre-hook of the block runs (e.g. FSDP's, which would gather its weights)
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     dev = next(model.parameters()).device
     hs, kwargs = [], None
     try:

@@ -102,7 +102,7 @@ class UniformQuantizer(WeightQuantizer):
                 self._grouped(weight), torch.sigmoid(self.clip_max_logit), torch.sigmoid(self.clip_min_logit))
         else:
             s, z = self.scale.clamp_min(_MIN_SCALE), self.zero
-        s = s.to(torch.float16).to(torch.float32)
+        s = s + (s.to(torch.float16).to(torch.float32) - s).detach()  # fp16 value, float32 straight-through gradient
         z = torch.clamp(ste_round(z), 0, self.qmax)
         return s, z
 
