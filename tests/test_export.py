@@ -228,11 +228,7 @@ def test_file_size_matches_bits_per_weight(tmp_path, spec_dict, capsys):
               if n.rpartition(".")[0] == q and n.rpartition(".")[2] in m.weight_quantizer.pack(m.weight)}
     packed_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in packed)
     expected_bits = sum(m.weight.numel() * m.weight_quantizer.bits_per_weight for m in qlins.values())
-    if spec.weight.format == "vq":  # bits_per_weight counts the rotation signs as bits; they are stored as int8
-        slack = sum(m.in_features + m.out_features for m in qlins.values())
-        assert expected_bits / 8 <= packed_bytes <= expected_bits / 8 + slack
-    else:
-        assert packed_bytes == expected_bits / 8
+    assert packed_bytes == pytest.approx(expected_bits / 8, rel=1e-12)
 
     # everything else: FP params in fp16, buffers in their dtype, biases, act factors (4 B each), rotation signs (1 B)
     prefixes = tuple(f"{q}." for q in qlins)

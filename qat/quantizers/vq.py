@@ -166,7 +166,8 @@ class VQQuantizer(WeightQuantizer):
     @property
     def bits_per_weight(self) -> float:
         d, m, n = self.vq_dim, self.out_features, self.in_features
-        meta = 16 * (d * d + d) + 16 * (m + n) + (m + n) + 2 * 32  # A, b, s_U, s_V fp16; sign bits; two block sizes
+        # A, b, s_U, s_V in fp16; the sign vectors as stored (int8: the kernels read them so); two int32 block sizes
+        meta = 16 * (d * d + d) + 16 * (m + n) + 8 * (m + n) + 2 * 32
         return self.spec.bits + meta / (m * n)
 
     # ---- PTQ init -------------------------------------------------------------------------------------------------
