@@ -24,7 +24,7 @@ Uniform (quantize_per_token / dequantize_per_token / fake_quant_per_token), b = 
   With clip factors = 1 every |x - x_hat| <= s / 2 (up to float32 rounding of x / s).
 
 Knee (fake_quant_knee_per_token; research mode, no integer GEMM: it is applied as a fake-quant before an FP matmul).
-Two-region non-uniform grid (METHODS.md §1.5), L_out = levels_out (default 2^b / 4), L_in = 2^b - L_out, h = L_out/2:
+Two-region non-uniform grid (docs/METHODS.md §7.2), L_out = levels_out (default 2^b / 4), L_in = 2^b - L_out, h = L_out/2:
 
       hi = max|x|, lo = hi                     (sym)      hi = max(max x, 0), lo = max(-min x, 0)   (asym)
       c_hi = clip_hi * hi,  k_hi = knee_hi * c_hi,  c_lo = clip_lo * lo,  k_lo = knee_lo * c_lo   (sym: *_lo = *_hi)

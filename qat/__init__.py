@@ -1,4 +1,4 @@
-"""qat-distill: quantization-aware distillation of LLMs to 1-4 bits (see DESIGN.md)."""
+"""qat-distill: quantization-aware distillation of LLMs to 1-4 bits (see docs/DESIGN.md)."""
 from __future__ import annotations
 
 

@@ -9,10 +9,27 @@ from pathlib import Path
 if not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import platform  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# pyproject.toml installs triton exactly there (`platform_system == 'Linux' and platform_machine == 'x86_64'`)
+TRITON_REQUIRED = platform.system() == "Linux" and platform.machine() == "x86_64"
+
+
+def import_triton():
+    """triton, for the tests of the Triton kernels. Where pyproject.toml makes it a dependency a missing triton is an
+    error (so CI cannot go green by skipping every kernel test); elsewhere those tests are skipped."""
+    try:
+        import triton
+    except ImportError as e:
+        if TRITON_REQUIRED:
+            raise ImportError(f"triton is a dependency on Linux x86-64 (pyproject.toml) but cannot be imported ({e}); "
+                              "reinstall with `make install`") from e
+        pytest.skip(f"triton is not installed on {platform.system()} {platform.machine()}", allow_module_level=True)
+    return triton
 ASSETS = Path(os.environ.get("QAT_ASSETS", REPO.parent / "shared" / "assets"))
 
 

@@ -210,7 +210,7 @@ def test_adam_steps_lower_output_reconstruction(mode, lam_reg):
                             {"params": [q.bitmap_fp], "lr": 1e-2}])
     steps = 40
     for i in range(steps):
-        beta = 20 - 18 * i / (steps - 1)  # METHODS §1.4: beta annealed 20 -> 2
+        beta = 20 - 18 * i / (steps - 1)  # docs/METHODS.md §5.3: beta annealed 20 -> 2
         loss = ((x @ (w_fp - q(w)).T) ** 2).mean() + lam_reg * q.polarization_loss(beta)
         opt.zero_grad()
         loss.backward()

@@ -139,8 +139,8 @@ def test_cli_json_on_fp_dir_and_student(tiny_dirs, assets_dir, capsys):
         assert got["perplexity"] == pytest.approx(math.exp(got["nll"]), rel=1e-12)
         if bpw is not None:
             assert got["bits_per_weight"] == bpw
-        else:  # 4-bit payload + an fp16 scale and zero per 32 weights
-            assert 4.0 < got["bits_per_weight"] < 16.0
+        else:  # every linear is W4g32: 4 payload bits + an fp16 scale and a uint8 zero point per 32 weights
+            assert got["bits_per_weight"] == pytest.approx(4 + (16 + 8) / 32, abs=1e-12)
 
 
 def test_cli_human_line(tiny_dirs, assets_dir, capsys):

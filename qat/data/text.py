@@ -1,6 +1,6 @@
 """Text files -> token ids -> fixed-length windows.
 
-The eval protocol (shared/assets/README.md) tokenizes a whole file once, prepends the bos id once, and cuts the stream
+The eval protocol (docs/EVAL.md) tokenizes a whole file once, prepends the bos id once, and cuts the stream
 into non-overlapping windows; everything here keeps that exact: plain text is read byte-for-byte apart from newline
 normalisation (CRLF -> LF, as Python's text mode does), never line by line.
 """

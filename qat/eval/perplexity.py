@@ -1,4 +1,4 @@
-"""Perplexity by the assets/README protocol: the token stream (bos prepended once) is cut into non-overlapping windows
+"""Perplexity by the protocol of docs/EVAL.md: the token stream (bos prepended once) is cut into non-overlapping windows
 of seq_len tokens, and PPL = exp(mean next-token NLL over every predicted position of every window)."""
 from __future__ import annotations
 

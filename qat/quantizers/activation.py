@@ -1,6 +1,6 @@
-"""Dynamic per-token activation quantizer for a linear layer's input (LBLLM stage 3 "AAR", METHODS.md §1.5).
+"""Dynamic per-token activation quantizer for a linear layer's input (LBLLM stage 3 "AAR", docs/METHODS.md §7).
 
-QuantLinear applies it after its optional Hadamard rotation (METHODS.md §5.11), so it sees the rotated input. The
+QuantLinear applies it after its optional Hadamard rotation (docs/METHODS.md §7.4), so it sees the rotated input. The
 scale/zero of every token are computed on the fly from that token's range; what is learned is per layer:
 
   mode="uniform"  (default, maps to INT4/INT8 GEMMs) two scalar logits, clip_hi = sigmoid(clip_max_logit) and
@@ -65,7 +65,7 @@ class ActQuantizer(nn.Module):
     # ---- parameters -------------------------------------------------------------------------------------------
     @property
     def temperature(self) -> float:
-        """Knee soft-mask temperature, relative to the token's clip value (METHODS: annealed 1e-1 -> 1e-3)."""
+        """Knee soft-mask temperature, relative to the token's clip value (annealed: docs/METHODS.md §7.2)."""
         return self._temperature
 
     @temperature.setter
@@ -108,7 +108,7 @@ class ActQuantizer(nn.Module):
     def init_from(self, x_samples: torch.Tensor, *, clip_pct: float = 0.999, knee_pct: float = 0.95) -> None:
         """Set the clip (and knee) factors from calibration inputs [..., in_features], as this quantizer sees them
         (i.e. after QuantLinear's rotation). Per token: clip = pct_clip / max, knee = pct_knee / (clip * max), each
-        averaged over tokens (METHODS §1.5 init). Symmetric grids use percentiles of |x|; asymmetric ones use each
+        averaged over tokens (docs/METHODS.md §7.3). Symmetric grids use percentiles of |x|; asymmetric ones use each
         side's tail of x at half the probability (pct of |x| for a symmetric token), over the tokens that have
         that side. Factors are clamped to [0.01, 0.999]."""
         if x_samples.shape[-1] != self.in_features:

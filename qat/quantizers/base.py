@@ -1,4 +1,4 @@
-"""The weight-quantizer contract every number format implements (see DESIGN.md, "Weight quantizer").
+"""The weight-quantizer contract every number format implements (see docs/DESIGN.md, "Number format").
 
 A quantizer is an nn.Module that owns the learnable quantization parameters of one linear layer (never the latent
 weight itself: QuantLinear owns that, so checkpoints keep the original parameter names).

@@ -1,29 +1,27 @@
-"""W(1+1) binary weights (LBLLM, METHODS.md §1): one sign bit + one bitmap bit per weight.
+"""W(1+1) binary weights (LBLLM, docs/METHODS.md §5): one sign bit + one bitmap bit per weight.
 
 Per output row i and column group b (spec.group_for(in_features) columns) there are two (alpha, mu) pairs, k = 0, 1.
 Each weight has a bitmap bit G selecting its pair and a sign B = sign(W - mu_G) (sign(0) = +1):
 
     W_hat = alpha_G * B + mu_G
 
-Pair index == bitmap bit value == round(G_FP) everywhere (forward, pack, kernels/reference.py). METHODS writes the soft
-mix with G multiplying pair 0; here the relaxed bitmap G_FP is the weight of pair 1, so hardening G_FP gives the stored
-bit directly:
+Pair index == bitmap bit value == round(G_FP) everywhere (forward, pack, kernels/reference.py). The relaxed bitmap
+G_FP is the weight of pair 1 (not of pair 0), so hardening G_FP gives the stored bit directly:
 
     soft      W_q = (1 - G_FP) * (alpha_0 B_0 + mu_0) + G_FP * (alpha_1 B_1 + mu_1),  B_k = sign(W - mu_k)
     hard      W_q = pair G,  G = 1[G_FP >= 0.5]       (after harden(), or bitmap_forward="hard_ste" while training,
                                                         where G_FP gets the soft mix's gradient straight through)
 
 G_FP = clamp(bitmap_fp, 0, 1). Clamp rather than sigmoid because it reaches 0 and 1 exactly (the soft mix then *is*
-the hard forward, bit for bit, so hardening a polarized bitmap changes nothing), it keeps G_FP in its own units (the
-1e-3 learning rate of METHODS §1.4 means the same thing everywhere in [0, 1]), and a saturated entry is a decided
-bit, which is what the polarization regularizer asks for anyway. The latent W gets a straight-through gradient through
+the hard forward, bit for bit, so hardening a polarized bitmap changes nothing), it keeps G_FP in its own units (a
+learning rate means the same thing everywhere in [0, 1]), and a saturated entry is a decided bit, which is what the polarization regularizer asks for anyway. The latent W gets a straight-through gradient through
 sign() (optionally clipped to |W - mu_k| <= ste_clip * alpha_k); mu gets its gradient from the "+ mu" term only.
 alpha (clamped positive) and mu are rounded to fp16 in the forward pass, as they are stored, so that
 unpack(pack(w)) == forward(w) bit for bit in hard mode.
 
 PTQ init: a 2-pair code is a 4-level codebook {mu_k +- alpha_k} per group with nearest-level assignment, so the
-EM of METHODS §1.3 (E: pick the pair with the smaller error; M: weighted least squares for (alpha_k, mu_k) with the
-signs fixed) is weighted Lloyd on 4 levels, run for all (row, group) at once. With a Hessian it runs inside GPTQ
+EM of docs/METHODS.md §5.2 (E: pick the pair with the smaller error; M: weighted least squares for (alpha_k, mu_k)
+with the signs fixed) is weighted Lloyd on 4 levels, run for all (row, group) at once. With a Hessian it runs inside GPTQ
 (qat.ptq.gptq.gptq_sequential), by default one whole group per step (chunk = group size), importance diag(H).
 """
 from __future__ import annotations
@@ -63,7 +61,7 @@ def _assign(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def em_binary11(w: torch.Tensor, importance: torch.Tensor | None = None, iters: int = 10):
-    """Weighted 2-pair EM (METHODS §1.3) for many groups at once.
+    """Weighted 2-pair EM (docs/METHODS.md §5.2) for many groups at once.
 
     w [N, g] (one row per (output row, column group)); importance [g] or [N, g] (None = uniform).
     Returns (alpha, mu, G): alpha, mu [N, 2] fp16-representable with alpha[:, 0] <= alpha[:, 1], and the hard bitmap
@@ -72,7 +70,7 @@ def em_binary11(w: torch.Tensor, importance: torch.Tensor | None = None, iters: 
     The two pairs are 4 levels mu_k +- alpha_k and the E-step (pair with the smaller error, sign w.r.t. mu_k) is a
     nearest-level assignment, so each cluster is a contiguous run of the sorted row: the EM runs on sorted rows with
     prefix sums, O(N) per iteration. Sorted levels l0 <= l1 <= l2 <= l3 pair up inner (l1, l2) -> pair 0 and
-    outer (l0, l3) -> pair 1, as METHODS' median split starts them; Lloyd keeps that order, and it makes pair 0 the
+    outer (l0, l3) -> pair 1, as the median split starts them; Lloyd keeps that order, and it makes pair 0 the
     one with the smaller alpha (the canonical form).
     """
     w = w.float()
@@ -91,7 +89,8 @@ def em_binary11(w: torch.Tensor, importance: torch.Tensor | None = None, iters: 
         levels = torch.where(mass > 0, sums / mass.clamp_min(torch.finfo(w.dtype).tiny), prev)
         return levels.sort(1).values
 
-    # init (METHODS): split by the median of |w - mean|: inner half -> pair 0, outer -> pair 1, sign w.r.t. the mean
+    # init (docs/METHODS.md §5.2): split by the median of |w - mean|: inner half -> pair 0, outer -> pair 1, sign
+    # w.r.t. the mean
     mean = w.mean(1, keepdim=True)
     med = (w - mean).abs().median(1, keepdim=True).values
     bounds = torch.cat([torch.searchsorted(ws, mean - med), torch.searchsorted(ws, mean),
@@ -208,7 +207,7 @@ class Binary11Quantizer(WeightQuantizer):
 
     @torch.no_grad()
     def harden(self) -> None:
-        """Snap G_FP to {0, 1} (G = 1[G_FP >= 0.5]) and use the hard bitmap from now on (end of WAT, METHODS §1.4)."""
+        """Snap G_FP to {0, 1} (G = 1[G_FP >= 0.5]) and use the hard bitmap from now on (docs/METHODS.md §5.3)."""
         self.bitmap_fp.copy_(self.hard_bitmap().float())
         self.hardened.fill_(True)
         self._hard = True
@@ -222,7 +221,7 @@ class Binary11Quantizer(WeightQuantizer):
         return self.bitmap_fp >= 0.5
 
     def polarization_loss(self, beta: float) -> torch.Tensor:
-        """mean(1 - |2 G_FP - 1|^beta)^2: 1 at G_FP = 0.5, 0 at {0, 1} (METHODS §1.4 L_reg, normalised by #elements)."""
+        """mean(1 - |2 G_FP - 1|^beta)^2: 1 at G_FP = 0.5, 0 at {0, 1} (docs/METHODS.md §5.3; mean over elements)."""
         u = (2 * self.relaxed_bitmap() - 1).abs()
         return ((1 - u.pow(beta)) ** 2).mean()
 
@@ -270,10 +269,10 @@ class Binary11Quantizer(WeightQuantizer):
     @torch.no_grad()
     def init_from(self, weight, *, hessian=None, importance: str = "diag", damp: float = 0.01, em_iters: int = 10,
                   bitmap_eps: float = 0.05, block_size: int = 128, gptq_chunk: str = "group", **_):
-        """PTQ init (METHODS §1.3). Without a Hessian: uniform-importance EM per (row, group); returns the weight
-        itself. With one: importance-weighted EM (importance diag(H), 1/[H^-1]_jj or uniform) inside GPTQ; returns
+        """PTQ init (docs/METHODS.md §5.2). Without a Hessian: uniform-importance EM per (row, group); returns the
+        weight itself. With one: importance-weighted EM (importance diag(H), 1/[H^-1]_jj or uniform) inside GPTQ; returns
         the error-compensated weight that was quantized, so the hard forward of the result reproduces the PTQ weight
-        exactly. gptq_chunk="group" (METHODS) quantizes each group jointly and propagates its error as a block;
+        exactly. gptq_chunk="group" (the default) quantizes each group jointly and propagates its error as a block;
         "column" fits the group's pairs when GPTQ reaches the group, then assigns and propagates column by column.
         G_FP starts at 0.5 +- (0.5 - bitmap_eps) on the PTQ bitmap (inside (0, 1) so the clamp keeps a gradient): the
         hard forward (harden() or bitmap_forward="hard_ste") is the PTQ weight exactly, the *soft* forward at init is

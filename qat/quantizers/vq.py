@@ -1,4 +1,4 @@
-"""LC-QAT 2-bit vector quantization: a learned affine map over discrete vectors (METHODS.md §2).
+"""LC-QAT 2-bit vector quantization: a learned affine map over discrete vectors (docs/METHODS.md §6).
 
 Representation (d = spec.vq_dim consecutive input columns form one vector):
 
@@ -8,13 +8,13 @@ T = diag(signs) · blockdiag(H_block) is the random-sign block-Hadamard transfor
 F.linear(x, W_eff) = s_V ⊙ H_out(H_in(x ⊙ s_U) · Ŵᵀ). The codebook is the affine image of the integer box, so in
 z-coordinates quantization is an elementwise round+clamp (no codebook lookup in training).
 
-Latent (§2.3): QuantLinear's `weight` holds U with z = clamp(round(c·U + q/2), 0, q), c = sqrt(m+n)/2, q = 3, so the
+Latent (§6.2): QuantLinear's `weight` holds U with z = clamp(round(c·U + q/2), 0, q), c = sqrt(m+n)/2, q = 3, so the
 latent has the scale of an ordinary weight and the QAT model starts bit-identical to the PTQ model.
-Backward (§2.4): DGE, dẑ/dv = min(|2r − 1|^(1/k − 1) / k, g_max) with v = c·U + q/2, r = v − clamp(floor(v), 0, q).
+Backward (§6.3): DGE, dẑ/dv = min(|2r − 1|^(1/k − 1) / k, g_max) with v = c·U + q/2, r = v − clamp(floor(v), 0, q).
 A, b, s_U, s_V are rounded to fp16 in the forward (gradient straight through the cast) because that is how they are
 stored, so pack() -> unpack() is bit-identical to the training forward.
 
-PTQ init (§2.2, UniSVQ-style): Sinkhorn row/column balancing gives s_U, s_V; the balanced weight and the Hessian are
+PTQ init (§6.4, UniSVQ-style): Sinkhorn row/column balancing gives s_U, s_V; the balanced weight and the Hessian are
 rotated; a scale search picks the codebook step; BlockLDLQ (qat.ptq.gptq, chunk = d) assigns codes by nearest
 codeword over the 4^d affine codewords; optionally A, b are refitted by Hessian-weighted least squares given the
 codes and the codes re-assigned (kept only while the proxy loss drops).
@@ -142,7 +142,7 @@ class VQQuantizer(WeightQuantizer):
         super().__init__(spec, out_features, in_features)
         d = self.vq_dim = spec.vq_dim
         self.qmax = 2**spec.bits - 1
-        self.latent_scale = math.sqrt(out_features + in_features) / 2  # c of §2.3
+        self.latent_scale = math.sqrt(out_features + in_features) / 2  # c of docs/METHODS.md §6.2
         self.block_in = hadamard_block_size(in_features, spec.hadamard_block)
         self.block_out = hadamard_block_size(out_features, spec.hadamard_block)
         A0 = self._base_rotation(d) / math.sqrt(_CODE_VAR)
@@ -219,7 +219,8 @@ class VQQuantizer(WeightQuantizer):
     @property
     def bits_per_weight(self) -> float:
         d, m, n = self.vq_dim, self.out_features, self.in_features
-        meta = 16 * (d * d + d) + 16 * (m + n) + (m + n) + 2 * 32  # A, b, s_U, s_V fp16; sign bits; two block sizes
+        # A, b, s_U, s_V in fp16; the sign vectors as stored (int8: the kernels read them so); two int32 block sizes
+        meta = 16 * (d * d + d) + 16 * (m + n) + 8 * (m + n) + 2 * 32
         return self.spec.bits + meta / (m * n)
 
     # ---- PTQ init -------------------------------------------------------------------------------------------------
@@ -298,8 +299,8 @@ class VQQuantizer(WeightQuantizer):
     @staticmethod
     def _balance(w: torch.Tensor, iters: int = 8):
         """Per-channel scales with w = diag(s_v) · w_bal · diag(s_u): Sinkhorn-style alternating geometric row/column
-        RMS updates, so w_bal has (nearly) unit row and column RMS; then s_u, s_v rescaled to equal norms (§2.3).
-        (Measured on SmolLM2 layers: better than QuIP's Hessian-based column rescale and than no balancing.)"""
+        RMS updates, so w_bal has (nearly) unit row and column RMS; then s_u, s_v rescaled to equal norms
+        (docs/METHODS.md §6.4). (Measured on SmolLM2 layers: better than QuIP's Hessian-based column rescale and than no balancing.)"""
         s_u = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
         s_v = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
         for _ in range(iters):
