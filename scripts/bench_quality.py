@@ -63,9 +63,11 @@ for _b in (4, 3, 2):
                                    "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
 ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
                              "tokens_like": "ours-w2g64"}
-ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/efficientqat-w2g64.yaml",
-                      "args": [],
-                      "what": "ours: efficientqat-w2g64 recipe"}
+ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
+                      "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
+ROWS["ours-efficientqat-w2g64"] = {"kind": "distill", **_uniform(2), "args": [],
+                                   "config": "configs/smollm2-135m/efficientqat-w2g64.yaml",
+                                   "what": "ours: efficientqat-w2g64 recipe (GPTQ, Block-AP, E2E-QP)"}
 
 
 # ---- running rows -----------------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
     if res["bits_per_weight"] is None and row["kind"] != "fp":  # a q-dq checkpoint of another tool: its format
         res["bits_per_weight"] = row["bits"] + 24 / 64
     res.update(seconds=round(seconds, 1), peak_rss_mib=None if rss is None else round(rss),
-               command=None if cmd is None else shlex.join(cmd).replace(sys.executable, "python"),
+               command=None if cmd is None else shlex.join(cmd).replace(sys.executable, "python").replace(f"{REPO}/", ""),
                date=time.strftime("%Y-%m-%d"), machine=machine(), eval_tokens=a.eval_tokens)
     return res
 

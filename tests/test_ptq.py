@@ -175,3 +175,20 @@ def test_shared_gram_matrices_equal_per_module_statistics():
         hk.remove()
     for n in mods:
         torch.testing.assert_close(stats[n].hessian().double(), ref[n] / stats[n].n, rtol=1e-5, atol=1e-6)
+
+
+def test_the_same_ptq_command_twice_gives_the_same_student(tmp_path, assets_dir, capsys):
+    """Reproducibility: calibration windows are drawn by a seeded sampler, GPTQ (act-order) and its reductions are
+    deterministic on CPU, so two runs of one command write bit-identical tensors (docs/RESULTS.md, reproducibility)."""
+    from safetensors.torch import load_file
+
+    from qat.checkpoint import STUDENT_WEIGHTS
+
+    model_dir, data = _tiny_llama_dir(tmp_path, assets_dir)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert qat_main(["ptq", "--model", str(model_dir), "--data", str(data), "--method", "gptq", "--bits", "2",
+                         "--group-size", "32", "--act-bits", "4", "--calib-samples", "4", "--seq-len", "32",
+                         "--output", str(out)]) == 0
+    a, b = (load_file(o / STUDENT_WEIGHTS) for o in outs)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
