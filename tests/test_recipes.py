@@ -22,7 +22,7 @@ def test_recipe_loads_and_validates(path):
     raw = yaml.safe_load(path.read_text())
     r = load_recipe(path, ["--output", "unused"])
     assert [s.kind for s in r.stages] == [s["kind"] for s in raw["stages"]]
-    assert all(s.kind in STAGE_KINDS and s.loss.kind and s.train for s in r.stages)
+    assert all(s.kind in STAGE_KINDS and s.loss.kind and (s.train or s.rounding.enabled) for s in r.stages)
     spec = r.quant_spec()
     assert spec is not None and spec.to_dict()["weight"]["format"] == raw["quant"]["weight"]["format"]
     if raw.get("model"):  # recipes for a real model name a relative path (no machine paths in the repo)
