@@ -63,6 +63,19 @@ for _b in (4, 3, 2):
                                    "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
 ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
                              "tokens_like": "ours-w2g64"}
+S1 = "configs/smollm2-135m/stage1-autoround-budget.yaml"  # stage 1 alone at AutoRound's budget, one lever at a time
+for _name, _what, _args in (
+        ("signround-cosine", "SignRound, cosine loss, RTN init", []),
+        ("signround-mse", "SignRound, MSE loss, RTN init", ["--stages.0.loss.kind", "mse"]),
+        ("signround-mse-gptq", "SignRound, MSE loss, GPTQ init", ["--stages.0.loss.kind", "mse", "--ptq.method", "gptq"]),
+        ("adaround-cosine", "AdaRound, cosine loss, RTN init", ["--stages.0.rounding.method", "adaround"]),
+        ("latent-lsq-cosine", "latent + scales/zeros (LSQ), lr 1e-3, cosine, RTN init",
+         ["--stages.0.rounding.method", "none", "--stages.0.train", "[latent, wq]",
+          "--stages.0.optim.lr", "{latent: 1.0e-3, wq: 1.0e-3}", "--stages.0.optim.schedule", "cosine"]),
+        ("signround-cosine-mixed", "SignRound, cosine, RTN init, mixed data (half teacher samples)",
+         ["--data.source", "mixed", "--data.teacher_fraction", "0.5", "--data.prompt_len", "8"])):
+    ROWS[f"s1-{_name}"] = {"kind": "distill", **_uniform(2), "config": S1, "args": _args, "group": "stage1",
+                           "what": f"stage 1 only: {_what}"}
 ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
                       "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
 ROWS["ours-efficientqat-w2g64"] = {"kind": "distill", **_uniform(2), "args": [],
@@ -159,8 +172,16 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
     elif row["kind"] == "distill":
         cmd = [sys.executable, "-m", "qat.cli", "distill", "--config", row["config"],
                "--model", a.model, "--output", rel, "--progress", "false", "--overwrite", "true", *row["args"]]
-        seconds, rss = run_cmd(cmd, log)
-        model_dir = out_dir
+        if a.adopt:  # trained before this row existed, by a recipe with the same content: evaluate it as the row
+            model_dir, rss = Path(a.adopt), None
+            meta = json.loads((model_dir / "qat_student.json").read_text())
+            seconds = meta["distill"]["seconds"]
+            res["adopted_from"] = (f"{a.adopt}, trained by `qat distill` with a recipe file of the same content as "
+                                   "this command's before the row existed, by the code of that time (its batch "
+                                   "order was drawn by an older, equally seeded sampler)")
+        else:
+            seconds, rss = run_cmd(cmd, log)
+            model_dir = out_dir
         meta = json.loads((out_dir / "qat_student.json").read_text())
         res["tokens"] = stage_tokens(meta["history"])
         res["history"] = [{k: h.get(k) for k in ("stage", "kind", "val_ppl", "tokens", "seconds")}
@@ -263,7 +284,15 @@ def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
              ""]
     head = "| row | format | bits/weight | WikiText-2 | × FP | code | × FP | training tokens | wall | peak RSS |"
     lines += [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for r in rows:
+    stage1 = [r for r in rows if ROWS.get(r["name"], {}).get("group") == "stage1"]
+    for r in [r for r in rows if r not in stage1] + ([None] if stage1 else []) + stage1:
+        if r is None:  # the stage-1 comparison gets its own table
+            lines += ["", "## Stage 1 at AutoRound's budget: how to learn the rounding", "",
+                      "Stage 1 alone (no end-to-end stage), W2g64, 64 x 512 WikiText-2 valid windows (the AutoRound "
+                      "row's), 50 steps x batch 4 per block; one lever changed per row "
+                      "(configs/smollm2-135m/stage1-autoround-budget.yaml + the row's overrides).", "", head,
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+            continue
         wx = r["wikitext2"] / fp["wikitext2"] if fp else math.nan
         cx = r["code"] / fp["code"] if fp else math.nan
         bpw = "16" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
@@ -274,7 +303,8 @@ def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
     lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", "", "## Commands", ""]
     for r in rows:
         if r.get("command"):
-            lines.append(f"- {r['name']} ({r['date']}, {r['machine']}): `{r['command']}`")
+            lines.append(f"- {r['name']} ({r['date']}, {r['machine']}): `{r['command']}`"
+                         + (f" (evaluated from {r['adopted_from']})" if r.get("adopted_from") else ""))
     doc.write_text("\n".join(lines) + "\n")
     plot(rows, results / "ppl_vs_bits.png")
 
@@ -366,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random model, every code path, seconds (CI)")
     ap.add_argument("--out", default=None, help="--quick: where to write (default: a temporary directory)")
     ap.add_argument("--eval-dir", default=None, help="only evaluate this model directory on both domains (JSON line)")
+    ap.add_argument("--adopt", default=None, help="with one distill row in --only: evaluate this existing student as "
+                                                  "that row instead of training it (recorded in the row)")
     a = ap.parse_args(argv)
     if a.eval_dir:
         print(json.dumps({"model": a.eval_dir, **evaluate(Path(a.eval_dir), a.eval_tokens)}))
@@ -377,6 +409,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         return quick(out.resolve())
     a.results, a.calib = REPO / "docs" / "quality", CALIB
+    if a.adopt and (not a.only or len(a.only) != 1 or ROWS.get(a.only[0], {}).get("kind") != "distill"):
+        ap.error("--adopt needs exactly one distill row in --only")
     if not a.report_only:
         names = a.only or list(ROWS)
         unknown = [n for n in names if n not in ROWS]
