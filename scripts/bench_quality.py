@@ -182,7 +182,7 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
         else:
             seconds, rss = run_cmd(cmd, log)
             model_dir = out_dir
-        meta = json.loads((out_dir / "qat_student.json").read_text())
+        meta = json.loads((model_dir / "qat_student.json").read_text())
         res["tokens"] = stage_tokens(meta["history"])
         res["history"] = [{k: h.get(k) for k in ("stage", "kind", "val_ppl", "tokens", "seconds")}
                           for h in meta["history"]]
