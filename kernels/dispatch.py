@@ -98,9 +98,9 @@ def _binary11_spec(spec: dict, packed: dict, meta: dict) -> None:
         raise ValueError(f"linear(binary11): bits must be 1 (sign + bitmap bit), got {meta['bits']!r}")
     spec["bits"] = 1
     for name in ("signs", "bitmap"):
-        _check_tensor(packed, name, (n_out, packed_width(n_in, 1)), (torch.uint8,), "binary11")
+        _check_tensor(packed, name, (n_out, packed_width(n_in, 1)), (torch.uint8,), spec["fmt"])
     for name in ("alpha", "mu"):
-        _check_tensor(packed, name, (n_out, ng, 2), _FLOATS, "binary11")
+        _check_tensor(packed, name, (n_out, ng, 2), _FLOATS, spec["fmt"])
 
 
 def _vq_block(packed: dict, meta: dict, key: str, index: int, width: int) -> int:
@@ -124,13 +124,13 @@ def _vq_spec(spec: dict, packed: dict, meta: dict) -> None:
     d = packed["A"].shape[0]
     if n_in % d:
         raise ValueError(f"linear(vq): vector length {d} (A is {d}x{d}) does not divide in_features {n_in}")
-    _check_tensor(packed, "codes", (n_out, packed_width(n_in, 2)), (torch.uint8,), "vq")
-    _check_tensor(packed, "A", (d, d), _FLOATS, "vq")
-    _check_tensor(packed, "b", (d,), _FLOATS, "vq")
-    _check_tensor(packed, "s_u", (n_in,), _FLOATS, "vq")
-    _check_tensor(packed, "s_v", (n_out,), _FLOATS, "vq")
-    _check_tensor(packed, "signs_in", (n_in,), (torch.int8,), "vq")
-    _check_tensor(packed, "signs_out", (n_out,), (torch.int8,), "vq")
+    _check_tensor(packed, "codes", (n_out, packed_width(n_in, 2)), (torch.uint8,), spec["fmt"])
+    _check_tensor(packed, "A", (d, d), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "b", (d,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "s_u", (n_in,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "s_v", (n_out,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "signs_in", (n_in,), (torch.int8,), spec["fmt"])
+    _check_tensor(packed, "signs_out", (n_out,), (torch.int8,), spec["fmt"])
     spec["bits"] = 2
     spec["vq_dim"] = d
     spec["block_in"] = _vq_block(packed, meta, "block_in", 0, n_in)

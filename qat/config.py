@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,28 +22,51 @@ ACT_BITS = (4, 8, 16)  # 16 = activations stay in floating point
 ACT_MODES = ("uniform", "knee")
 
 
-def _from_dict(cls, d: dict[str, Any] | None, where: str):
+def from_dict(cls, d: Any, where: str, error: type[Exception] = QuantConfigError):
+    """A `cls` dataclass from a plain mapping (YAML, JSON, a parsed command line), the one converter of the package.
+
+    Fields typed as a dataclass (also `X | None` and `list[X]`) are built recursively, driven by the type hints, so
+    nothing restates the nesting; missing keys take the dataclass defaults; an unknown key raises `error` with one
+    line naming it (`where` prefixes the path, e.g. "recipe.stages.1")."""
     if d is None:
         return cls()
     if isinstance(d, cls):
         return d
     if not isinstance(d, dict):
-        raise QuantConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+        raise error(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(d) - set(names))
     if unknown:
-        raise QuantConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+        raise error(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}", error) for k, v in d.items()})
+
+
+def _convert(tp: Any, v: Any, where: str, error: type[Exception]):
+    """v for a field of type `tp`: dataclasses (possibly optional or in a list) built by from_dict, the rest as is."""
+    if v is None:
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, where, error)
+    if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(v, list):
+            raise error(f"{where}: expected a list, got {type(v).__name__}")
+        return [from_dict(args[0], x, f"{where}.{i}", error) for i, x in enumerate(v)]
+    if len(args) == 1 and typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        return _convert(args[0], v, where, error)
+    return v
 
 
 @dataclass
 class ActSpec:
     """Dynamic per-token activation quantization of every quantized linear's input.
 
-    bits       4 or 8; 16 = off
-    mode       uniform (INT4/INT8 with learnable clipping; maps to integer GEMMs) | knee (two-region research mode)
-    sym        symmetric per-token grid instead of asymmetric min/max
-    hadamard   rotate inputs (and the weight) by a random-sign block Hadamard first (QuaRot-style), for W4A4
+    Attributes:
+        bits: 4 or 8; 16 = off
+        mode: uniform (INT4/INT8 with learnable clipping; maps to integer GEMMs) | knee (two-region research mode)
+        sym: symmetric per-token grid instead of asymmetric min/max
+        hadamard: rotate inputs (and the weight) by a random-sign block Hadamard first (QuaRot-style), for W4A4
     """
 
     bits: int = 16
@@ -64,25 +89,24 @@ class ActSpec:
 # the weight formats' fields come from their quantizer classes (qat/quantizers): WeightSpec is built there
 from qat.quantizers.registry import WeightSpec  # noqa: E402
 
+
 @dataclass
 class QuantSpec:
-    """What to quantize and how. `skip` holds module-name suffixes left in floating point (lm_head by default)."""
+    """What to quantize and how.
+
+    Attributes:
+        weight: the weight number format
+        act: activation quantization
+        skip: module-name suffixes left in floating point
+    """
 
     weight: WeightSpec = field(default_factory=WeightSpec)
     act: ActSpec = field(default_factory=ActSpec)
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
-        d = dict(d or {})
-        unknown = sorted(set(d) - {"weight", "act", "skip"})
-        if unknown:
-            raise QuantConfigError(f"quant spec: unknown key(s) {unknown}; known: ['act', 'skip', 'weight']")
-        return cls(
-            weight=_from_dict(WeightSpec, d.get("weight"), "weight"),
-            act=_from_dict(ActSpec, d.get("act"), "act"),
-            skip=list(d.get("skip", ["lm_head"])),
-        )
+    def from_dict(cls, d: dict[str, Any] | None) -> QuantSpec:
+        return from_dict(cls, d or {}, "quant")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

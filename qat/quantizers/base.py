@@ -52,10 +52,10 @@ class SpecOption:
 
 
 # format name -> quantizer class, filled by @register_weight_format (qat.quantizers.registry imports every module)
-WEIGHT_FORMATS: dict[str, type["WeightQuantizer"]] = {}
+WEIGHT_FORMATS: dict[str, type[WeightQuantizer]] = {}
 
 
-def register_weight_format(cls: type["WeightQuantizer"]) -> type["WeightQuantizer"]:
+def register_weight_format(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
     """Class decorator: make `cls.format` a weight format. Options of a format registered after WeightSpec was built
     (a format defined outside qat/quantizers, e.g. in a test) must be fields WeightSpec already has."""
     if not cls.format or cls.format in WEIGHT_FORMATS:
