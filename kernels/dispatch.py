@@ -2,7 +2,8 @@
 
     linear(x, fmt, packed, meta, bias=None, backend="auto")
 
-fmt     "uniform" | "binary11" | "vq"  (packed layouts: kernels/reference.py)
+fmt     a key of FORMATS: "uniform" | "binary11" | "vq"  (packed layouts: kernels/reference.py); the name the
+        quantizer class of qat/quantizers registered and the export stores (tests/test_kernels.py checks the two agree)
 packed  the tensors of one exported layer, exactly as stored (no repacking)
 meta    plain ints/bools/floats describing the layer:
           in_features, out_features, group_size (-1 = whole row), bits (uniform: 1..8; binary11: 1 if given)
@@ -23,13 +24,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from qat_kernels import reference
 from qat_kernels.packing import packed_width
 
-FORMATS = ("uniform", "binary11", "vq")
 BACKENDS = ("auto", "reference", "triton")
 
 
@@ -64,30 +65,12 @@ def layer_spec(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) 
     if fmt not in FORMATS:
         raise ValueError(f"linear: unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
     n_in, n_out = _int_meta(meta, "in_features", fmt), _int_meta(meta, "out_features", fmt)
-    g = _int_meta(meta, "group_size", fmt) if fmt != "vq" or "group_size" in meta else -1  # vq has no groups
+    g = _int_meta(meta, "group_size", fmt) if FORMATS[fmt].grouped or "group_size" in meta else -1
     g = n_in if g == -1 else g
     if n_in <= 0 or n_out <= 0 or g <= 0 or n_in % g:
         raise ValueError(f"linear({fmt}): group_size {g} must divide in_features {n_in} (both positive)")
-    ng = n_in // g
     spec: dict[str, Any] = {"fmt": fmt, "in_features": n_in, "out_features": n_out, "group_size": g}
-    if fmt == "uniform":
-        bits = _int_meta(meta, "bits", fmt)
-        if not 1 <= bits <= 8:
-            raise ValueError(f"linear(uniform): bits must be in 1..8, got {bits}")
-        spec["bits"] = bits
-        _check_tensor(packed, "qweight", (n_out, packed_width(n_in, bits)), (torch.uint8,), fmt)
-        _check_tensor(packed, "scales", (n_out, ng), _FLOATS, fmt)
-        _check_tensor(packed, "zeros", (n_out, ng), (torch.uint8,), fmt)
-    elif fmt == "binary11":
-        if meta.get("bits", 1) != 1:
-            raise ValueError(f"linear(binary11): bits must be 1 (sign + bitmap bit), got {meta['bits']!r}")
-        spec["bits"] = 1
-        for name in ("signs", "bitmap"):
-            _check_tensor(packed, name, (n_out, packed_width(n_in, 1)), (torch.uint8,), fmt)
-        for name in ("alpha", "mu"):
-            _check_tensor(packed, name, (n_out, ng, 2), _FLOATS, fmt)
-    else:
-        _vq_spec(spec, packed, meta)
+    FORMATS[fmt].check(spec, packed, meta)
     act_bits = meta.get("act_bits", 16)
     if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not (2 <= act_bits <= 8 or act_bits == 16):
         raise ValueError(f"linear({fmt}): act_bits must be an int in 2..8 or 16 (off), got {act_bits!r}")
@@ -96,6 +79,28 @@ def layer_spec(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) 
     spec["act_clip_hi"] = float(meta.get("act_clip_hi", 1.0))
     spec["act_clip_lo"] = float(meta.get("act_clip_lo", 1.0))
     return spec
+
+
+def _uniform_spec(spec: dict, packed: dict, meta: dict) -> None:
+    n_in, n_out, ng = spec["in_features"], spec["out_features"], spec["in_features"] // spec["group_size"]
+    bits = _int_meta(meta, "bits", "uniform")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"linear(uniform): bits must be in 1..8, got {bits}")
+    spec["bits"] = bits
+    _check_tensor(packed, "qweight", (n_out, packed_width(n_in, bits)), (torch.uint8,), "uniform")
+    _check_tensor(packed, "scales", (n_out, ng), _FLOATS, "uniform")
+    _check_tensor(packed, "zeros", (n_out, ng), (torch.uint8,), "uniform")
+
+
+def _binary11_spec(spec: dict, packed: dict, meta: dict) -> None:
+    n_in, n_out, ng = spec["in_features"], spec["out_features"], spec["in_features"] // spec["group_size"]
+    if meta.get("bits", 1) != 1:
+        raise ValueError(f"linear(binary11): bits must be 1 (sign + bitmap bit), got {meta['bits']!r}")
+    spec["bits"] = 1
+    for name in ("signs", "bitmap"):
+        _check_tensor(packed, name, (n_out, packed_width(n_in, 1)), (torch.uint8,), spec["fmt"])
+    for name in ("alpha", "mu"):
+        _check_tensor(packed, name, (n_out, ng, 2), _FLOATS, spec["fmt"])
 
 
 def _vq_block(packed: dict, meta: dict, key: str, index: int, width: int) -> int:
@@ -119,13 +124,13 @@ def _vq_spec(spec: dict, packed: dict, meta: dict) -> None:
     d = packed["A"].shape[0]
     if n_in % d:
         raise ValueError(f"linear(vq): vector length {d} (A is {d}x{d}) does not divide in_features {n_in}")
-    _check_tensor(packed, "codes", (n_out, packed_width(n_in, 2)), (torch.uint8,), "vq")
-    _check_tensor(packed, "A", (d, d), _FLOATS, "vq")
-    _check_tensor(packed, "b", (d,), _FLOATS, "vq")
-    _check_tensor(packed, "s_u", (n_in,), _FLOATS, "vq")
-    _check_tensor(packed, "s_v", (n_out,), _FLOATS, "vq")
-    _check_tensor(packed, "signs_in", (n_in,), (torch.int8,), "vq")
-    _check_tensor(packed, "signs_out", (n_out,), (torch.int8,), "vq")
+    _check_tensor(packed, "codes", (n_out, packed_width(n_in, 2)), (torch.uint8,), spec["fmt"])
+    _check_tensor(packed, "A", (d, d), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "b", (d,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "s_u", (n_in,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "s_v", (n_out,), _FLOATS, spec["fmt"])
+    _check_tensor(packed, "signs_in", (n_in,), (torch.int8,), spec["fmt"])
+    _check_tensor(packed, "signs_out", (n_out,), (torch.int8,), spec["fmt"])
     spec["bits"] = 2
     spec["vq_dim"] = d
     spec["block_in"] = _vq_block(packed, meta, "block_in", 0, n_in)
@@ -140,16 +145,28 @@ def dequantize(fmt: str, packed: dict[str, torch.Tensor], meta: dict[str, Any]) 
 
 
 def _dequantize(spec: dict, packed: dict) -> torch.Tensor:
-    n_in, g = spec["in_features"], spec["group_size"]
-    if spec["fmt"] == "uniform":
-        return reference.dequant_uniform(packed["qweight"], packed["scales"], packed["zeros"], bits=spec["bits"],
-                                         group_size=g, in_features=n_in)
-    if spec["fmt"] == "binary11":
-        return reference.dequant_binary11(packed["signs"], packed["bitmap"], packed["alpha"], packed["mu"],
-                                          group_size=g, in_features=n_in)
-    return reference.dequant_vq(packed["codes"], packed["A"], packed["b"], packed["s_u"], packed["s_v"],
-                                packed["signs_in"], packed["signs_out"], block_in=spec["block_in"],
-                                block_out=spec["block_out"], in_features=n_in)
+    return FORMATS[spec["fmt"]].dequantize(spec, packed)
+
+
+class _Format(NamedTuple):
+    """What the dispatcher knows of one packed format: whether meta carries group_size, the layout check (fills the
+    normalized layer description), and the reference dequantization. The Triton kernels are kernels/triton/<name>.py."""
+
+    grouped: bool
+    check: Callable[[dict, dict, dict], None]
+    dequantize: Callable[[dict, dict], torch.Tensor]
+
+
+FORMATS: dict[str, _Format] = {
+    "uniform": _Format(True, _uniform_spec, lambda s, p: reference.dequant_uniform(
+        p["qweight"], p["scales"], p["zeros"], bits=s["bits"], group_size=s["group_size"],
+        in_features=s["in_features"])),
+    "binary11": _Format(True, _binary11_spec, lambda s, p: reference.dequant_binary11(
+        p["signs"], p["bitmap"], p["alpha"], p["mu"], group_size=s["group_size"], in_features=s["in_features"])),
+    "vq": _Format(False, _vq_spec, lambda s, p: reference.dequant_vq(
+        p["codes"], p["A"], p["b"], p["s_u"], p["s_v"], p["signs_in"], p["signs_out"], block_in=s["block_in"],
+        block_out=s["block_out"], in_features=s["in_features"])),
+}
 
 
 def quantize_activations(x: torch.Tensor, spec: dict) -> torch.Tensor:

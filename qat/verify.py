@@ -50,21 +50,12 @@ def verify_student(model: torch.nn.Module, spec: QuantSpec, where: str, fixed: d
     """Raise ValueError (one line naming the tensor) if a loaded student's quantizer state cannot come from `spec`."""
     from qat.nn import quant_linears
 
-    qmax = 2**spec.weight.bits - 1
     for lname, q in quant_linears(model).items():
         for n, t in q.named_parameters():
             if n != "weight" and n != "bias":
                 _finite(where, f"{lname}.{n}", t, spec)
-        wq = q.weight_quantizer
-        if spec.weight.format == "uniform" and not spec.weight.lwc:
-            z = wq.zero.detach()
-            if spec.weight.sym:
-                if not (z == 2 ** (spec.weight.bits - 1)).all():
-                    _fail(where, f"{lname}.weight_quantizer.zero", f"is not the symmetric mid-point "
-                          f"{2 ** (spec.weight.bits - 1)} everywhere (max {float(z.max()):g})", spec)
-            elif z.min() < -1 or z.max() > qmax + 1:
-                _fail(where, f"{lname}.weight_quantizer.zero", f"ranges over [{float(z.min()):g}, {float(z.max()):g}], "
-                      f"outside the {spec.weight.bits}-bit grid [0, {qmax}]", spec)
+        for n, problem in q.weight_quantizer.check_state():
+            _fail(where, f"{lname}.weight_quantizer.{n}", problem, spec)
     for n, b in model.named_buffers():
         if n.rsplit(".", 1)[-1] in SIGN_BUFFERS:
             _signs(where, n, b, spec)
@@ -80,23 +71,8 @@ def verify_packed(where: str, name: str, spec: QuantSpec, packed: dict[str, torc
     w = spec.weight
     for k, t in {**packed, **{f"act_quantizer.{k}": v for k, v in act.items()}}.items():
         _finite(where, f"{name}.{k}", t, spec)
-    if w.format == "uniform":
-        qmax = 2**w.bits - 1
-        z = packed["zeros"]
-        if w.sym and not (z == 2 ** (w.bits - 1)).all():
-            _fail(where, f"{name}.zeros", f"are not the symmetric mid-point {2 ** (w.bits - 1)}", spec)
-        if not w.float_zero and int(z.max()) > qmax:  # float zero points (a merged QA-LoRA adapter) may leave the grid
-            _fail(where, f"{name}.zeros", f"reach {int(z.max())}, outside the {w.bits}-bit grid [0, {qmax}]", spec)
-        if not (packed["scales"] > 0).all():
-            _fail(where, f"{name}.scales", "are not all positive", spec)
-    elif w.format == "binary11":
-        if not (packed["alpha"] > 0).all():
-            _fail(where, f"{name}.alpha", "is not all positive", spec)
-    elif w.format == "vq":
-        _signs(where, f"{name}.signs_in", packed["signs_in"], spec)
-        _signs(where, f"{name}.signs_out", packed["signs_out"], spec)
-        if not torch.equal(packed["hadamard_blocks"].cpu(), expected["hadamard_blocks"].cpu()):
-            _fail(where, f"{name}.hadamard_blocks", "differ from the block sizes the spec builds", spec)
+    for k, problem in w.quantizer_class().check_packed(w, packed, expected):  # the format's own value ranges
+        _fail(where, f"{name}.{k}", problem, spec)
     for k, v in act.items():
         if not (0 < float(v) <= 1):
             _fail(where, f"{name}.act_quantizer.{k}", f"is {float(v):g}, outside (0, 1]", spec)

@@ -305,7 +305,7 @@ def run_probe(a, kind: str, extra: list[str]) -> dict:
         from qat.finetune.recipe import parse_args
         from qat.finetune.run import run_finetune as fit
     else:
-        from qat.distill.recipe import parse_args
+        from qat.distill.recipe_cli import parse_args
         from qat.distill.run import run_distill as fit
     recipe, opts = parse_args(argv)
     fit(recipe, overwrite=True, callbacks=[Probe()], tensorboard=False)

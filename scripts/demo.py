@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
     a = ap.parse_args(argv)
 
-    from qat.distill.recipe import parse_args
+    from qat.distill.recipe_cli import parse_args
     from qat.distill.run import run_distill
     from qat.eval.perplexity import evaluate_file
     from qat.export.command import export_student

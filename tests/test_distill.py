@@ -31,7 +31,7 @@ def _token_cache(tmp_path, monkeypatch):
 
 
 def recipe_for(tiny_dir, out, *overrides, path=TINY_RECIPE):
-    from qat.distill.recipe import load_recipe
+    from qat.distill.recipe_cli import load_recipe
 
     return load_recipe(path, ["--model", str(tiny_dir / "model"), "--data.train_file", str(tiny_dir / "train.txt"),
                               "--eval.file", str(tiny_dir / "val.txt"), "--output", str(out), *overrides])
@@ -264,7 +264,7 @@ def test_unknown_stage_kind_and_loss(tiny_dir, tmp_path):
     with pytest.raises(RecipeError, match="need window >= 1 and 0 <= overlap < window"):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.0.window", "2", "--stages.0.overlap", "2")
     with pytest.raises(RecipeError, match="unknown key"):
-        from qat.distill.recipe import recipe_from_dict
+        from qat.distill.recipe_cli import recipe_from_dict
 
         recipe_from_dict({"quant": {}, "stages": [{"kind": "e2e", "steps": 1, "stepz": 3}]})
 
@@ -344,7 +344,7 @@ def test_nan_loss_stops_with_location_and_keeps_last_good_checkpoint(tiny_dir, t
 # ---- CLI --------------------------------------------------------------------------------------------------------------
 
 def test_cli_override_syntax():
-    from qat.distill.recipe import load_recipe
+    from qat.distill.recipe_cli import load_recipe
 
     r = load_recipe(TINY_RECIPE, ["--model", "m", "--output", "o", "--data.train_file", "t.txt",
                                   "--stages.0.steps", "7", "--stages.1.loss.kind=cakld", "--stages.batch_size", "2",

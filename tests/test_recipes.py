@@ -17,7 +17,8 @@ def test_default_model_has_every_method_recipe():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "configs")) for p in RECIPES])
 def test_recipe_loads_and_validates(path):
-    from qat.distill.recipe import STAGE_KINDS, load_recipe
+    from qat.distill.recipe import STAGE_KINDS
+    from qat.distill.recipe_cli import load_recipe
 
     raw = yaml.safe_load(path.read_text())
     r = load_recipe(path, ["--output", "unused"])

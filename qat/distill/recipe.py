@@ -5,20 +5,19 @@ checkpoint), the training data (a text corpus, or sequences sampled from the tea
 text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act),
 which parameter classes train (see qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
 
-Recipes are YAML files (configs/<model>/<method>.yaml). `load_recipe` reads one through the same jsonargparse parser
-the CLI uses (so a file and the command line accept exactly the same keys), then validates it here: every problem is
-one RecipeError line naming the stage and the field, raised before any model is loaded.
+This file is the schema: the field docs below are what `qat distill --help` shows. Recipes are YAML files
+(configs/<model>/<method>.yaml) read by qat/distill/recipe_cli.py through the same jsonargparse parser the command line
+uses (so a file and the command line accept exactly the same keys) and validated here: every problem is one
+RecipeError line naming the stage and the field, raised before any model is loaded.
 """
-import copy
 import dataclasses
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from qat.config import ActSpec, QuantConfigError, QuantSpec, WeightSpec
+from qat.config import QuantConfigError, QuantSpec
 
 STAGE_KINDS = ("blockwise", "e2e", "act")
 BLOCK_LOSSES = ("mse", "token_mse", "cosine")
@@ -54,39 +53,16 @@ def check_selector(sel: str, where: str) -> None:
                           "wq.<name> / act.<name> for one quantizer parameter, or re:<regex> on parameter names")
 
 
-def _parser_mirror(cls, name: str, replace: dict | None = None):
-    """A plain copy of a qat.config spec dataclass for the argument parser: same fields, types and *class* defaults,
-    no __post_init__. jsonargparse would otherwise take defaults from a validated instance (WeightSpec().bits == 4),
-    which turns `quant: {weight: {format: binary11}}` into binary11 with bits 4. QuantSpec.from_dict validates later."""
-    hints = typing.get_type_hints(cls)
-    fields = []
-    for f in dataclasses.fields(cls):
-        typ = (replace or {}).get(f.name, hints[f.name])
-        if f.default is not dataclasses.MISSING:
-            fields.append((f.name, typ, field(default=f.default)))
-        elif (replace or {}).get(f.name) is not None:
-            fields.append((f.name, typ, field(default_factory=typ)))
-        else:
-            fields.append((f.name, typ, field(default_factory=f.default_factory)))
-    mirror = dataclasses.make_dataclass(name, fields)
-    mirror.__module__ = __name__  # importable by name: jsonargparse resolves classes by their import path
-    return mirror
-
-
-WeightArgs = _parser_mirror(WeightSpec, "WeightArgs")
-ActArgs = _parser_mirror(ActSpec, "ActArgs")
-QuantArgs = _parser_mirror(QuantSpec, "QuantArgs", {"weight": WeightArgs, "act": ActArgs})
-
-
 @dataclass
 class PTQInit:
     """How the student is initialised when no existing student checkpoint is given.
 
-    method         rtn | gptq (block-sequential, qat.ptq.pipeline.ptq_quantize)
-    calib_samples  calibration windows (sampled from data.train_file, or the teacher-generated pool)
-    seq_len        calibration window length
-    act_order      GPTQ (uniform formats): columns in decreasing Hessian-diagonal order (better at every width)
-    damp           GPTQ: damping as a fraction of mean(diag H)
+    Attributes:
+        method: rtn | gptq (block-sequential, qat.ptq.pipeline.ptq_quantize)
+        calib_samples: calibration windows (sampled from data.train_file, or the teacher-generated pool)
+        seq_len: calibration window length
+        act_order: GPTQ (uniform formats): columns in decreasing Hessian-diagonal order (better at every width)
+        damp: GPTQ: damping as a fraction of mean(diag H)
     """
 
     method: str = "gptq"
@@ -100,12 +76,21 @@ class PTQInit:
 class DataSpec:
     """Training windows, shared by every stage.
 
-    source       text: `num_samples` windows of `seq_len` tokens at seeded random offsets of `train_file`
-                 teacher: `num_samples` sequences sampled from the teacher (BitDistiller-style), prompted with the
-                 first `prompt_len` tokens of a train_file window (or the bos token alone), cached on disk
-                 mixed: both, `teacher_fraction` of the windows from the teacher, interleaved so that every prefix of
-                 the pool (a block-wise stage's `samples`, the PTQ calibration set) holds the same mix
-    cache_dir    where teacher samples are cached (default: <run_dir>/data)
+    Attributes:
+        source: text: `num_samples` windows of `seq_len` tokens at seeded random offsets of `train_file`;
+            teacher: `num_samples` sequences sampled from the teacher (BitDistiller-style), prompted with the first
+            `prompt_len` tokens of a train_file window (or the bos token alone), cached on disk; mixed: both,
+            `teacher_fraction` of the windows from the teacher, interleaved so that every prefix of the pool (a
+            block-wise stage's `samples`, the PTQ calibration set) holds the same mix
+        teacher_fraction: mixed: the fraction of windows sampled from the teacher
+        train_file: training text (.txt/.raw/.jsonl)
+        seq_len: tokens per window
+        num_samples: windows in the pool
+        prompt_len: teacher samples: prompt tokens taken from a train_file window
+        temperature: teacher samples: sampling temperature
+        top_p: teacher samples: nucleus sampling threshold
+        gen_batch_size: teacher samples: sequences generated at once
+        cache_dir: where teacher samples are cached (default: <run_dir>/data)
     """
 
     source: str = "text"
@@ -122,8 +107,15 @@ class DataSpec:
 
 @dataclass
 class EvalSpec:
-    """Validation perplexity of the student before stage 1 (unless initial is false) and after every stage (skipped
-    when file is None)."""
+    """Validation perplexity of the student before stage 1 (unless initial is false) and after every stage.
+
+    Attributes:
+        file: held-out text (None = no evaluation)
+        max_tokens: tokens evaluated
+        seq_len: window length
+        batch_size: windows per forward
+        initial: also evaluate the student before the first stage
+    """
 
     file: str | None = None
     max_tokens: int = 4096
@@ -136,19 +128,22 @@ class EvalSpec:
 class LossSpec:
     """Stage loss.
 
-    kind               blockwise/act: mse | token_mse (per-token MSE divided by the teacher token's mean square, so
-                       the attention-sink position cannot dominate) | cosine (1 - cos per token)
-                       e2e: kl (KL(teacher||student)) | reverse_kl | cakld (BitDistiller) | ce (next-token CE)
-                       None = token_mse for block-wise objectives, kl for e2e
-    sink_weight        block losses: weight of sequence position 0 (the attention sink); 0 leaves it out
-    cosine_weight      block losses: + w * (1 - cos(student, teacher)) per token
-    hidden_weight      e2e: + w * token_mse over every block's output hidden state
-    ce_weight          e2e: + w * next-token cross-entropy on the data (mix with a KL loss)
-    temperature        e2e: softmax temperature of the KL terms (multiplied back by T^2)
-    cross_unit_weight  block-wise (ACBQ): + w * loss on the outputs of the next `cross_units` units, run with their
-                       current quantized parameters (gradients reach only the active window)
-    adaptive_cross     scale cross_unit_weight by clip(e_unit / mean e, 0.5, 2), e = the unit's loss at its first step
-    homologous         block-wise (CBQ): also reconstruct the target from the teacher's (FP-path) window input
+    Attributes:
+        kind: blockwise/act: mse | token_mse (per-token MSE divided by the teacher token's mean square, so the
+            attention-sink position cannot dominate) | cosine (1 - cos per token); e2e: kl (KL(teacher||student)) |
+            reverse_kl | cakld (BitDistiller) | ce (next-token CE); None = token_mse for block-wise objectives, kl
+            for e2e
+        sink_weight: block losses: weight of sequence position 0 (the attention sink); 0 leaves it out
+        cosine_weight: block losses: + w * (1 - cos(student, teacher)) per token
+        hidden_weight: e2e: + w * token_mse over every block's output hidden state
+        ce_weight: e2e: + w * next-token cross-entropy on the data (mix with a KL loss)
+        temperature: e2e: softmax temperature of the KL terms (multiplied back by T^2)
+        cross_unit_weight: block-wise (ACBQ): + w * loss on the outputs of the next `cross_units` units, run with
+            their current quantized parameters (gradients reach only the active window)
+        cross_units: block-wise (ACBQ): how many following units cross_unit_weight looks at
+        adaptive_cross: scale cross_unit_weight by clip(e_unit / mean e, 0.5, 2), e = the unit's loss at its first
+            step
+        homologous: block-wise (CBQ): also reconstruct the target from the teacher's (FP-path) window input
     """
 
     kind: str | None = None
@@ -167,10 +162,11 @@ class LossSpec:
 class MemorySpec:
     """Memory savers (measured in docs/FINETUNE.md).
 
-    teacher             fp | int8 (bitsandbytes LLM.int8()) | nf4 (bitsandbytes 4-bit NormalFloat): the frozen teacher
-                        used for training targets; the student is still initialised from the FP weights
-    grad_checkpointing  recompute each decoder block's activations in the backward pass of whole-model forwards
-                        (e2e stages, act stages with objective e2e, qat finetune) instead of storing them
+    Attributes:
+        teacher: fp | int8 (bitsandbytes LLM.int8()) | nf4 (bitsandbytes 4-bit NormalFloat): the frozen teacher used
+            for training targets; the student is still initialised from the FP weights
+        grad_checkpointing: recompute each decoder block's activations in the backward pass of whole-model forwards
+            (e2e stages, act stages with objective e2e, qat finetune) instead of storing them
     """
 
     teacher: str = "fp"
@@ -186,9 +182,17 @@ class OptimSpec:
     """AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit: falls back to AdamW with a warning where it cannot run) or paged
     AdamW (paged_adamw, paged_adamw8bit: optimizer state in CUDA unified memory, so CUDA devices only).
 
-    lr            learning rate per `train` entry (e.g. {latent: 2e-5, wq: 1e-4}); entries not listed use default_lr
-    schedule      cosine | linear | constant, after `warmup` steps (a value < 1 is a fraction of the budget)
-    grad_clip     max gradient norm (0 = off)
+    Attributes:
+        name: adamw | adamw8bit | paged_adamw | paged_adamw8bit
+        lr: learning rate per `train` entry (e.g. {latent: 2e-5, wq: 1e-4}); entries not listed use default_lr
+        default_lr: learning rate of the `train` entries lr does not list
+        weight_decay: AdamW weight decay
+        betas: AdamW betas
+        eps: AdamW epsilon
+        schedule: cosine | linear | constant, after `warmup` steps
+        warmup: warmup steps (a value < 1 is a fraction of the budget)
+        min_lr_ratio: the schedule's final learning rate as a fraction of the peak
+        grad_clip: max gradient norm (0 = off)
     """
 
     name: str = "adamw"
@@ -206,7 +210,14 @@ class OptimSpec:
 @dataclass
 class PolarizeSpec:
     """binary11 bitmap polarization (LBLLM WAT): + weight * mean_layers(L_reg(beta)), beta annealed start -> end
-    linearly over each window (blockwise) or the stage (e2e); bitmaps are hardened when their window/stage ends."""
+    linearly over each window (blockwise) or the stage (e2e); bitmaps are hardened when their window/stage ends.
+
+    Attributes:
+        weight: weight of the polarization loss (0 = off)
+        beta_start: beta at the start of each window / stage
+        beta_end: beta at its end
+        harden: snap the bitmaps to {0, 1} when their window / stage ends
+    """
 
     weight: float = 0.0
     beta_start: float = 20.0
@@ -218,14 +229,17 @@ class PolarizeSpec:
 class RoundingSpec:
     """Learned rounding of uniform weights in a block-wise stage (qat/distill/rounding.py).
 
-    method     none | signround (AutoRound: offsets V in [-range, range] and clipping factors, signed gradient descent)
-               | adaround (soft up/down rounding on the quantizer's grid, Adam, regulariser to 0/1; hard at the end)
-    lr         signround: signed-gradient step (None = 1 / steps per window: a parameter moves at most 1/2 over the
-               window); adaround: Adam's lr (None = 1e-3)
-    minmax     signround: also learn the clipping range (min/max factors per group); minmax_lr (None = lr)
-    range      signround: bound of the rounding offsets, in grid steps
-    best       signround: keep the parameters of the window's lowest-loss step (AutoRound's "best mse")
-    reg_weight adaround: weight of the rounding regulariser
+    Attributes:
+        method: none | signround (AutoRound: offsets V in [-range, range] and clipping factors, signed gradient
+            descent) | adaround (soft up/down rounding on the quantizer's grid, Adam, regulariser to 0/1; hard at
+            the end)
+        lr: signround: signed-gradient step (None = 1 / steps per window: a parameter moves at most 1/2 over the
+            window); adaround: Adam's lr (None = 1e-3)
+        minmax: signround: also learn the clipping range (min/max factors per group)
+        minmax_lr: signround: step of the clipping factors (None = lr)
+        range: signround: bound of the rounding offsets, in grid steps
+        best: signround: keep the parameters of the window's lowest-loss step (AutoRound's "best mse")
+        reg_weight: adaround: weight of the rounding regulariser
     """
 
     method: str = "none"
@@ -245,21 +259,29 @@ class RoundingSpec:
 class StageSpec:
     """One distillation stage.
 
-    kind          blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen)
-    train         parameter classes that train (None = the kind's default: blockwise latent+wq, e2e wq, act act)
-    steps/epochs  budget, exactly one of them: optimizer steps (blockwise: per window) or passes over the windows
-    samples       blockwise/act: how many data windows are cached as the calibration set (None = all)
-    units         blockwise: block (a decoder block per unit) | acbq (attention and MLP as separate units)
-    window        units trained jointly (CBQ's k); overlap: units shared by consecutive windows (CBQ's s)
-    act_quant     run the activation quantizers during this stage (None = only in act stages)
-    objective     act stages: blockwise (LBLLM AAR, layer-wise reconstruction) | e2e (logit distillation)
-    act_temperature  act stages: [start, end] of the knee soft-mask temperature, annealed geometrically
-    spill_mb      blockwise: activation caches larger than this live in a file under the run directory
-    freeze_codes  uniform formats: hold the integer codes fixed while scales/zeros train (EfficientQAT E2E-QP); needed
-                  to train step sizes of a GPTQ-initialised student at all (see qat/distill/codes.py)
-    rounding      blockwise, uniform formats: learn the rounding and clipping of each window (SignRound/AutoRound)
-    window_eval   blockwise: also measure each window's loss over the whole calibration set before and after it
-                  trains (diagnostics in the history; costs about one extra pass per window)
+    Attributes:
+        kind: blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen)
+        name: shown in logs and the history (default: <kind><index>)
+        train: parameter classes that train (None = the kind's default: blockwise latent+wq, e2e wq, act act)
+        loss: the stage loss
+        optim: optimizer and schedule
+        steps: budget in optimizer steps (blockwise: per window); exactly one of steps and epochs
+        epochs: budget in passes over the windows
+        batch_size: windows per optimizer step
+        samples: blockwise/act: how many data windows are cached as the calibration set (None = all)
+        units: blockwise: block (a decoder block per unit) | acbq (attention and MLP as separate units)
+        window: units trained jointly (CBQ's k)
+        overlap: units shared by consecutive windows (CBQ's s)
+        act_quant: run the activation quantizers during this stage (None = only in act stages)
+        objective: act stages: blockwise (LBLLM AAR, layer-wise reconstruction) | e2e (logit distillation)
+        polarize: binary11 bitmap polarization
+        act_temperature: act stages: [start, end] of the knee soft-mask temperature, annealed geometrically
+        spill_mb: blockwise: activation caches larger than this live in a file under the run directory
+        freeze_codes: uniform formats: hold the integer codes fixed while scales/zeros train (EfficientQAT E2E-QP);
+            needed to train step sizes of a GPTQ-initialised student at all (see qat/distill/codes.py)
+        rounding: blockwise, uniform formats: learn the rounding and clipping of each window (SignRound/AutoRound)
+        window_eval: blockwise: also measure each window's loss over the whole calibration set before and after it
+            trains (diagnostics in the history; costs about one extra pass per window)
     """
 
     kind: str = "blockwise"
@@ -386,24 +408,35 @@ class StageSpec:
 class Recipe:
     """A `qat distill` run. Paths are relative to the working directory; $VARS and ~ are expanded.
 
-    model      local HF model directory: the frozen FP teacher and the student's architecture
-    student    an existing PTQ student checkpoint (qat ptq) to start from instead of `ptq`
-    output     the student checkpoint directory written at the end (the run's state lives in run_dir)
-    run_dir    Lightning checkpoints, TensorBoard logs, caches (default: <output>.run)
-    quant      the quant spec (qat.config.QuantSpec); may be omitted when `student` is given
-    devices    processes per node: an int, or auto (what torchrun / SLURM started per node, else 1); more than one
-               without a launcher: Lightning starts them on this machine (docs/SCALING.md)
-    num_nodes  nodes of the run (must match the launch environment)
-    strategy   auto (one process: plain; several: ddp) | ddp (every process holds the whole student, gradients
-               averaged) | fsdp (FSDP2: student and teacher sharded over the processes)
-    dist_timeout  seconds a process waits in a collective for the others before it stops with an error
+    Attributes:
+        model: local HF model directory: the frozen FP teacher and the student's architecture
+        student: an existing PTQ student checkpoint (qat ptq) to start from instead of `ptq`
+        output: the student checkpoint directory written at the end (the run's state lives in run_dir)
+        run_dir: Lightning checkpoints, TensorBoard logs, caches (default: <output>.run)
+        quant: the quant spec (qat.config.QuantSpec); may be omitted when `student` is given
+        ptq: how the student is initialised
+        data: training windows
+        eval: validation perplexity
+        stages: the stages, in order
+        memory: memory savers
+        seed: seed of data sampling and initialisation
+        device: auto | cpu | cuda[:i]
+        devices: processes per node: an int, or auto (what torchrun / SLURM started per node, else 1); more than
+            one without a launcher: Lightning starts them on this machine (docs/SCALING.md)
+        num_nodes: nodes of the run (must match the launch environment)
+        strategy: auto (one process: plain; several: ddp) | ddp (every process holds the whole student, gradients
+            averaged) | fsdp (FSDP2: student and teacher sharded over the processes)
+        dist_timeout: seconds a process waits in a collective for the others before it stops with an error
+        precision: 32-true | bf16-mixed | bf16-true
+        checkpoint_every: optimizer steps between Lightning checkpoints
+        progress: show progress bars
     """
 
     model: str | None = None
     student: str | None = None
     output: str | None = None
     run_dir: str | None = None
-    quant: QuantArgs | None = None  # becomes a validated QuantSpec in validate()
+    quant: QuantSpec | None = None
     ptq: PTQInit = field(default_factory=PTQInit)
     data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -424,8 +457,6 @@ class Recipe:
             raise RecipeError("recipe has no stages")
         for i, s in enumerate(self.stages):
             s.validate(i)
-        if isinstance(self.quant, dict):
-            self.quant = QuantSpec.from_dict(self.quant)  # raises QuantConfigError naming the bad field
         if self.quant is None and self.student is None:
             raise RecipeError("recipe needs a quant spec (quant:) or an existing student checkpoint (--student)")
         self.memory.validate()
@@ -500,144 +531,3 @@ class Recipe:
 
 def _expand(p: str) -> str:
     return os.path.expanduser(os.path.expandvars(str(p)))
-
-
-# ---- parsing: one jsonargparse parser for YAML files and command lines --------------------------------------------
-
-_INDEX_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z0-9_.]+)(?:=(.*))?$", re.DOTALL)
-
-
-def build_parser(prog: str = "qat distill"):
-    """The `qat distill` argument parser: --config, --resume, --overwrite, plus one option per Recipe field
-    (generated from the dataclass signatures by jsonargparse: --model, --ptq.method, --data.train_file, ...)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog=prog, exit_on_error=False, description=(
-        "Staged quantization-aware distillation (block-wise -> end-to-end -> activations) of a student against its "
-        "FP teacher. Stage keys: --stages.<i>.<key> VALUE overrides one key of stage i (e.g. --stages.0.steps 50); "
-        "--stages.<key> VALUE overrides the last stage."))
-    p.add_argument("--config", action=ActionConfigFile, help="recipe YAML (configs/<model>/<method>.yaml)")
-    p.add_argument("--resume", type=str | None, default=None,
-                   help="'last' (the run directory's last checkpoint) or a checkpoint path")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output / run directory")
-    p.add_class_arguments(Recipe, nested_key=None, fail_untyped=False)
-    return p
-
-
-def _split_index_overrides(argv: list[str]) -> tuple[list[str], list[tuple[int, str, str]]]:
-    """Pull `--stages.<i>.<key> VALUE` (or `=VALUE`) out of argv: jsonargparse has no per-index list syntax."""
-    rest, overrides, i = [], [], 0
-    while i < len(argv):
-        m = _INDEX_OVERRIDE.match(argv[i])
-        if not m:
-            rest.append(argv[i])
-            i += 1
-            continue
-        if m.group(3) is not None:
-            value, i = m.group(3), i + 1
-        elif i + 1 < len(argv):
-            value, i = argv[i + 1], i + 2
-        else:
-            raise RecipeError(f"{argv[i]} needs a value")
-        overrides.append((int(m.group(1)), m.group(2), value))
-    return rest, overrides
-
-
-def _apply_index_override(stages: list, idx: int, key: str, value: str) -> None:
-    if not 0 <= idx < len(stages):
-        raise RecipeError(f"--stages.{idx}.{key}: the recipe has {len(stages)} stage(s)")
-    node = stages[idx]
-    *parents, leaf = key.split(".")
-    for k in parents:
-        if not isinstance(node, dict) or k not in node or not isinstance(node[k], dict):
-            raise RecipeError(f"--stages.{idx}.{key}: stages have no key {k!r}")
-        node = node[k]
-    if leaf not in node and not (parents and parents[-1] == "lr"):
-        raise RecipeError(f"--stages.{idx}.{key}: unknown stage key {leaf!r}")
-    node[leaf] = _parse_value(value)
-
-
-def _parse_value(s: str):
-    """A command-line value: int, float ('3e-3' too, which YAML 1.1 reads as a string), else YAML."""
-    import yaml
-
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return yaml.safe_load(s)
-
-
-def _argument_error(e: Exception) -> RecipeError:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return RecipeError("recipe: " + " ".join(lines[:4]))
-
-
-def parse_args(argv: list[str], prog: str = "qat distill") -> tuple[Recipe, dict[str, Any]]:
-    """(validated Recipe, {'resume', 'overwrite'}) from a command line."""
-    from jsonargparse import ArgumentError
-
-    parser = build_parser(prog)
-    rest, index_overrides = _split_index_overrides(list(argv))
-    try:
-        ns = parser.parse_args(rest)
-    except ArgumentError as e:
-        raise _argument_error(e) from None
-    d = ns.as_dict()
-    d.pop("config", None)
-    extra = {"resume": d.pop("resume", None), "overwrite": bool(d.pop("overwrite", False))}
-    if index_overrides:
-        for idx, key, value in index_overrides:
-            _apply_index_override(d["stages"], idx, key, value)
-        try:  # type-check the edited recipe again (parse_object turns nested dicts into Namespaces: give it a copy)
-            d = parser.parse_object(copy.deepcopy({**d, **extra})).as_dict()
-        except ArgumentError as e:
-            raise _argument_error(e) from None
-    for k in ("config", "resume", "overwrite"):
-        d.pop(k, None)
-    return recipe_from_dict(d), extra
-
-
-def recipe_from_dict(d: dict[str, Any]) -> Recipe:
-    """Recipe from a plain dict (as parsed); unknown keys raise RecipeError."""
-
-    def build(cls, value, where):
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-        kwargs = {}
-        for k, v in value.items():
-            sub = _NESTED.get((cls, k))
-            kwargs[k] = build(sub, v, f"{where}.{k}") if sub else v
-        return cls(**kwargs)
-
-    d = dict(d)
-    stages = d.pop("stages", None) or []
-    if not isinstance(stages, list):
-        raise RecipeError("stages: expected a list of stages")
-    recipe = build(Recipe, d, "recipe")
-    recipe.stages = [build(StageSpec, s, f"stages.{i}") for i, s in enumerate(stages)]
-    return recipe.validate()
-
-
-_NESTED = {
-    (Recipe, "ptq"): PTQInit, (Recipe, "data"): DataSpec, (Recipe, "eval"): EvalSpec, (Recipe, "memory"): MemorySpec,
-    (StageSpec, "loss"): LossSpec, (StageSpec, "optim"): OptimSpec, (StageSpec, "polarize"): PolarizeSpec,
-    (StageSpec, "rounding"): RoundingSpec,
-}
-
-
-def load_recipe(path, overrides: list[str] | None = None) -> Recipe:
-    """A recipe file (plus optional command-line style overrides) -> validated Recipe."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    recipe, _ = parse_args(["--config", str(path), *(overrides or [])])
-    return recipe

@@ -27,14 +27,7 @@ def kernel_meta(spec: QuantSpec, out_features: int, in_features: int) -> dict[st
     """The static description of one packed layer that qat_kernels.dispatch.linear needs next to its tensors.
     act_bits is left at 16 here: PackedLinear either applies its activation quantizer itself (reference path, knee
     mode) or adds the act_* entries per call (PackedLinear.fused_act) for the integer kernels."""
-    w = spec.weight
-    group = -1 if w.format == "vq" else w.group_for(in_features)  # vq has no groups (one affine map per layer)
-    meta: dict[str, Any] = {"in_features": in_features, "out_features": out_features, "group_size": group}
-    if w.format == "uniform":
-        meta["bits"] = w.bits
-    elif w.format == "vq":
-        meta.update(bits=w.bits, vq_dim=w.vq_dim, hadamard_block=w.hadamard_block)
-    return meta
+    return spec.weight.quantizer_class().kernel_meta(spec.weight, out_features, in_features)
 
 
 def dispatch_linear() -> KernelLinear | None:
@@ -117,8 +110,7 @@ class PackedLinear(nn.Module):
         """Complete the kernel meta from the loaded tensors and pick the path: the dispatcher (Triton on GPU) when it
         knows this layout, else the format's own unpack()."""
         packed = self.packed()
-        if "hadamard_blocks" in packed:  # vq: block sizes are data; hand them over as ints (no read-back per call)
-            self.meta["block_in"], self.meta["block_out"] = (int(v) for v in packed["hadamard_blocks"].tolist())
+        self.meta.update(self.spec.weight.quantizer_class().meta_from_packed(packed))
         self.use_dispatch = dispatch_supports(self.format, packed, self.meta)
         self.fused_act = None
         act = self.spec.act

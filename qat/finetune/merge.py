@@ -119,7 +119,7 @@ def refine(student, teacher, spec, data, *, steps: int, samples: int, seq_len: i
     from qat.data.module import StepDataModule
     from qat.distill.data import corpus_windows
     from qat.distill.module import DistillModule
-    from qat.distill.recipe import recipe_from_dict
+    from qat.distill.recipe_cli import recipe_from_dict
     from qat.distill.run import fit, step_plan
     from qat.models import get_adapter
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from qat.config import from_dict
 from qat.distill.recipe import EvalSpec, LossSpec, MemorySpec, OptimSpec, RecipeError, StageSpec
 
 TEACHER_LOSSES = ("kl", "reverse_kl", "cakld")
@@ -146,30 +147,16 @@ def parse_args(argv: list[str]) -> tuple[FinetuneRecipe, dict[str, Any]]:
     """(validated FinetuneRecipe, {'resume', 'overwrite'}) from a command line."""
     from jsonargparse import ArgumentError
 
-    from qat.distill.recipe import _argument_error
+    from qat.args import argument_error
 
     try:
         d = build_parser().parse_args(list(argv)).as_dict()
     except ArgumentError as e:
-        raise _argument_error(e) from None
+        raise argument_error(e, "recipe", RecipeError) from None
     d.pop("config", None)
     extra = {"resume": d.pop("resume", None), "overwrite": bool(d.pop("overwrite", False))}
     return recipe_from_dict(d), extra
 
 
 def recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
-    nested = {"lora": LoraSpec, "loss": LossSpec, "optim": OptimSpec, "eval": EvalSpec, "memory": MemorySpec}
-    kwargs = {}
-    names = {f.name for f in dataclasses.fields(FinetuneRecipe)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise RecipeError(f"finetune: unknown key(s) {unknown}; known: {sorted(names)}")
-    for k, v in d.items():
-        if k in nested and isinstance(v, dict):
-            fields = {f.name for f in dataclasses.fields(nested[k])}
-            bad = sorted(set(v) - fields)
-            if bad:
-                raise RecipeError(f"{k}: unknown key(s) {bad}; known: {sorted(fields)}")
-            v = nested[k](**v)
-        kwargs[k] = v
-    return FinetuneRecipe(**kwargs).validate()
+    return from_dict(FinetuneRecipe, d, "finetune", RecipeError).validate()

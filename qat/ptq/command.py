@@ -5,54 +5,90 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Literal
 
 import torch
 
-from qat.config import ActSpec, QuantSpec, WeightSpec
+from qat.args import QUANT_KEY, add_quant_arguments, argument_error
+from qat.config import QuantConfigError, QuantSpec, from_dict
 from qat.ptq.pipeline import PTQ_METHODS
+
+# short flags kept from before the --quant.* keys (README, scripts and tests use them): flag -> (quant key, type);
+# a bool alias is a switch that sets its key to true
+ALIASES = {
+    "--format": ("weight.format", str), "--bits": ("weight.bits", int), "--group-size": ("weight.group_size", int),
+    "--sym": ("weight.sym", bool), "--lwc": ("weight.lwc", bool),
+    "--act-bits": ("act.bits", int), "--act-mode": ("act.mode", str), "--act-hadamard": ("act.hadamard", bool),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # prefix_chars="+": argparse must not interpret --options; every word after `ptq` goes to jsonargparse (run())
     p = sub.add_parser("ptq", help="post-training quantization (RTN / GPTQ init) -> student checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--data", default=None, help="calibration text file (.txt/.raw/.jsonl); needed by gptq and A4/A8")
-    p.add_argument("--method", default="gptq", choices=PTQ_METHODS)
-    p.add_argument("--format", default="uniform", help="weight format: uniform | binary11 | vq")
-    p.add_argument("--bits", type=int, default=None, help="weight bits (default: the format's)")
-    p.add_argument("--group-size", type=int, default=128, help="group size along in_features; -1 = per channel")
-    p.add_argument("--sym", action="store_true", help="symmetric uniform grid")
-    p.add_argument("--lwc", action="store_true", help="learnable weight clipping (OmniQuant) for uniform")
-    p.add_argument("--act-bits", type=int, default=16, help="dynamic per-token activation bits: 4, 8 or 16 (off)")
-    p.add_argument("--act-mode", default="uniform", help="activation quantizer: uniform | knee")
-    p.add_argument("--act-hadamard", action="store_true", help="rotate linear inputs by a random Hadamard (W4A4)")
-    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ (uniform): quantize columns by decreasing Hessian diagonal (measured better at every "
-                        "width: docs/PTQ.md)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of mean(diag H)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", required=True, help="student checkpoint directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+                       add_help=False, prefix_chars="+")
+    p.add_argument("argv", nargs="*")
     p.set_defaults(func=run)
 
 
-def spec_from_args(a) -> QuantSpec:
-    return QuantSpec(
-        weight=WeightSpec(format=a.format, bits=a.bits, group_size=a.group_size, sym=a.sym, lwc=a.lwc),
-        act=ActSpec(bits=a.act_bits, mode=a.act_mode, hadamard=a.act_hadamard),
-    )
+def build_parser():
+    """`qat ptq`'s options: its own, the quant keys exactly as recipes have them (qat.args), and the short aliases."""
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    p = ArgumentParser(prog="qat ptq", exit_on_error=False, description=(
+        "Post-training quantization (RTN / GPTQ init) of a local HF model into a student checkpoint that `qat eval`, "
+        "`qat distill` and `qat export` read. The number format is set with the --quant.* keys of recipes or their "
+        "short aliases (--format, --bits, --group-size, --sym, --lwc, --act-bits, --act-mode, --act-hadamard)."))
+    p.add_argument("--model", type=str, required=True, help="local Hugging Face model directory")
+    p.add_argument("--data", type=str | None, default=None,
+                   help="calibration text file (.txt/.raw/.jsonl); needed by gptq and A4/A8")
+    p.add_argument("--method", type=Literal[PTQ_METHODS], default="gptq", help="initializer")
+    for flag, (key, typ) in ALIASES.items():
+        if typ is bool:
+            p.add_argument(flag, action="store_true", help=f"alias of --{QUANT_KEY}.{key} true")
+        else:
+            p.add_argument(flag, type=typ | None, default=None, help=f"alias of --{QUANT_KEY}.{key}")
+    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    p.add_argument("--act-order", action=ActionYesNo(no_prefix="no-"), default=True,
+                   help="GPTQ (uniform): quantize columns by decreasing Hessian diagonal (measured better at every "
+                        "width: docs/PTQ.md)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of mean(diag H)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--output", type=str, required=True, help="student checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_quant_arguments(p)
+    return p
 
 
-def run(a) -> int:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, QuantSpec]:
+    """(options, validated QuantSpec) from `qat ptq`'s words; an alias and its --quant key may not disagree."""
+    from jsonargparse import ArgumentError
+
+    try:
+        d = build_parser().parse_args([str(a) for a in argv]).as_dict()
+    except ArgumentError as e:
+        raise argument_error(e, "arguments") from None
+    quant = d.pop(QUANT_KEY, None) or {}
+    for flag, (key, _) in ALIASES.items():
+        value = d.pop(flag.lstrip("-").replace("-", "_"))
+        if value is None or value is False:
+            continue
+        group, name = key.split(".")
+        given = quant.setdefault(group, {})
+        if name in given and given[name] != value:
+            raise QuantConfigError(f"arguments: {flag} {value} contradicts --{QUANT_KEY}.{key} {given[name]}")
+        given[name] = value
+    return argparse.Namespace(**d), from_dict(QuantSpec, quant, QUANT_KEY)
+
+
+def run(words) -> int:
     from qat.io import claim_output
     from qat.models.loading import check_kind, resolve_device
 
     # every cheap check before any expensive work, so bad input fails in a second and writes nothing
-    spec = spec_from_args(a)
+    a, spec = parse_args(list(words.argv))
     device = resolve_device(a.device)
     check_kind(a.model, ("fp",), "--model")
     with claim_output(a.output, "student", overwrite=a.overwrite, inputs={"--model": a.model}):

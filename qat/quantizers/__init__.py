@@ -1,24 +1,14 @@
 """Weight and activation quantizers, one file per number format (see base.py for the shared contract)."""
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
 
-from qat.config import ActSpec, QuantConfigError, WeightSpec
-from qat.quantizers.base import WeightQuantizer, ste_round
+import qat.config  # noqa: F401  (builds WeightSpec, and with it the format registry, before anything below)
+from qat.quantizers.base import WEIGHT_FORMATS, WeightQuantizer, register_weight_format, ste_round
+from qat.quantizers.registry import weight_quantizer_class
 
-# format name -> "module:Class"; imported lazily so one format's import cost/failure never touches another
-_WEIGHT_QUANTIZERS = {
-    "uniform": "qat.quantizers.uniform:UniformQuantizer",
-    "binary11": "qat.quantizers.binary:Binary11Quantizer",
-    "vq": "qat.quantizers.vq:VQQuantizer",
-}
-
-
-def weight_quantizer_class(fmt: str) -> type[WeightQuantizer]:
-    if fmt not in _WEIGHT_QUANTIZERS:
-        raise QuantConfigError(f"unknown weight format {fmt!r}; supported: {', '.join(_WEIGHT_QUANTIZERS)}")
-    mod, cls = _WEIGHT_QUANTIZERS[fmt].split(":")
-    return getattr(importlib.import_module(mod), cls)
+if TYPE_CHECKING:
+    from qat.config import ActSpec, WeightSpec
 
 
 def make_weight_quantizer(spec: WeightSpec, out_features: int, in_features: int) -> WeightQuantizer:
@@ -34,4 +24,5 @@ def make_act_quantizer(spec: ActSpec, in_features: int):
     return ActQuantizer(spec, in_features)
 
 
-__all__ = ["WeightQuantizer", "make_weight_quantizer", "make_act_quantizer", "weight_quantizer_class", "ste_round"]
+__all__ = ["WEIGHT_FORMATS", "WeightQuantizer", "make_weight_quantizer", "make_act_quantizer",
+           "register_weight_format", "weight_quantizer_class", "ste_round"]

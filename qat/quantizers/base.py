@@ -13,21 +13,69 @@ weight itself: QuantLinear owns that, so checkpoints keep the original parameter
     pack(weight) -> dict[str, Tensor] the storage form (integer codes packed with qat_kernels.packing + metadata)
     unpack(packed) -> weight_hat     dequantize the storage form; unpack(pack(w)) == forward(w) bit for bit in eval
     bits_per_weight                  storage bits per weight, metadata included (scales, zeros, bitmaps, codebooks)
+
+The class is also the single description of its format (docs/DESIGN.md, "Adding a format"): `format` (the name stored
+in specs and checkpoints), `default_bits`, `options` (its fields of WeightSpec, with defaults and docs: the WeightSpec
+dataclass, the recipe keys and the `qat ptq` flags are built from them), validate_spec(), describe(), kernel_meta()
+(what qat_kernels.dispatch needs beside the packed tensors) and check_packed() (value ranges of a stored layer).
+A format registers itself with @register_weight_format; every module of qat/quantizers is imported on first use.
 """
 from __future__ import annotations
 
 import functools
+import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from qat.config import QuantConfigError, WeightSpec
+from qat.config import QuantConfigError
 from qat.speed import LEVERS
+
+if TYPE_CHECKING:
+    from qat.config import WeightSpec
+
+
+@dataclass(frozen=True)
+class SpecOption:
+    """One format-specific field of WeightSpec (a recipe key quant.weight.<name>, a `qat ptq` flag).
+
+    exclusive: a non-default value is an error under any other format (instead of being ignored)."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    exclusive: bool = False
+
+
+# format name -> quantizer class, filled by @register_weight_format (qat.quantizers.registry imports every module)
+WEIGHT_FORMATS: dict[str, type[WeightQuantizer]] = {}
+
+
+def register_weight_format(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
+    """Class decorator: make `cls.format` a weight format. Options of a format registered after WeightSpec was built
+    (a format defined outside qat/quantizers, e.g. in a test) must be fields WeightSpec already has."""
+    if not cls.format or cls.format in WEIGHT_FORMATS:
+        raise QuantConfigError(f"weight format name {cls.format!r} is empty or already registered")
+    config = sys.modules.get("qat.config")
+    built = getattr(config, "WeightSpec", None) if config else None
+    if built is not None:
+        missing = sorted({o.name for o in cls.options} - set(built.__dataclass_fields__))
+        if missing:
+            raise QuantConfigError(f"format {cls.format!r}: options {missing} are not WeightSpec fields; a format "
+                                   "with new options lives in a module of qat/quantizers")
+    WEIGHT_FORMATS[cls.format] = cls
+    return cls
 
 
 class WeightQuantizer(nn.Module, ABC):
-    format: str = ""
+    format: str = ""  # the name stored in specs, checkpoints and exports
+    default_bits: int = 4  # WeightSpec.bits when not given
+    options: tuple[SpecOption, ...] = ()  # this format's own WeightSpec fields
+    uses_groups: bool = True  # group_size applies (False: the kernels get group_size -1)
 
     def __init__(self, spec: WeightSpec, out_features: int, in_features: int):
         super().__init__()
@@ -40,6 +88,42 @@ class WeightQuantizer(nn.Module, ABC):
     def check_shape(cls, spec: WeightSpec, out_features: int, in_features: int) -> None:
         """Raise QuantConfigError if this format cannot quantize a [out, in] weight with this spec."""
         spec.group_for(in_features)
+
+    # ---- the format's description (class level: no layer needed) -------------------------------------------------
+    @classmethod
+    def validate_spec(cls, spec: WeightSpec) -> None:
+        """Raise QuantConfigError (one line naming the field) for a spec this format cannot realise."""
+
+    @classmethod
+    def describe(cls, spec: WeightSpec) -> str:
+        """Short display name, e.g. W2g64 (QuantSpec.describe() appends the activation part)."""
+        return f"{cls.format}{spec.bits}"
+
+    @classmethod
+    def group_label(cls, spec: WeightSpec) -> str:
+        return "ch" if spec.group_size == -1 else f"g{spec.group_size}"
+
+    @classmethod
+    def kernel_meta(cls, spec: WeightSpec, out_features: int, in_features: int) -> dict[str, Any]:
+        """The plain-int description qat_kernels.dispatch.linear needs next to the packed tensors of one layer."""
+        group = spec.group_for(in_features) if cls.uses_groups else -1
+        return {"in_features": in_features, "out_features": out_features, "group_size": group}
+
+    @classmethod
+    def meta_from_packed(cls, packed: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Kernel meta that is data in the packed tensors (read once when an export is loaded)."""
+        return {}
+
+    @classmethod
+    def check_packed(cls, spec: WeightSpec, packed: dict[str, torch.Tensor],
+                     expected: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+        """Value-range problems of a stored layer as (tensor name, what is wrong); `expected` is what this spec's own
+        pack() gives for a layer of that shape. Finiteness is checked by the caller."""
+        return []
+
+    def check_state(self) -> list[tuple[str, str]]:
+        """Value-range problems of a loaded student's quantizer parameters, as (parameter name, what is wrong)."""
+        return []
 
     @abstractmethod
     def init_from(self, weight: torch.Tensor, *, hessian: torch.Tensor | None = None, **opts) -> torch.Tensor: ...

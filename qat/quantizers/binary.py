@@ -29,12 +29,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat.config import QuantConfigError, WeightSpec
+from typing import TYPE_CHECKING
+
+from qat.config import QuantConfigError
 from qat.ptq.gptq import gptq_sequential
-from qat.quantizers.base import WeightQuantizer, check_finite
+from qat.quantizers.base import WeightQuantizer, check_finite, register_weight_format
 from qat.speed import LEVERS
 from qat_kernels.packing import pack_bits
 from qat_kernels.reference import dequant_binary11
+
+if TYPE_CHECKING:
+    from qat.config import WeightSpec
 
 _MIN_ALPHA = 1e-5  # keeps degenerate (constant) groups finite; representable in fp16 (subnormal)
 BITMAP_FORWARDS = ("soft", "hard_ste")
@@ -166,8 +171,26 @@ class _PairMix(torch.autograd.Function):
         return gw, ga0, ga1, gm0, gm1, gbm, None
 
 
+@register_weight_format
 class Binary11Quantizer(WeightQuantizer):
+    """W(1+1): sign + group bitmap."""
+
     format = "binary11"
+    default_bits = 2
+
+    @classmethod
+    def validate_spec(cls, spec: WeightSpec) -> None:
+        if spec.bits != 2:
+            raise QuantConfigError(
+                f"format binary11 stores 1 sign bit + 1 bitmap bit per weight (bits=2), got bits={spec.bits}")
+
+    @classmethod
+    def describe(cls, spec: WeightSpec) -> str:
+        return f"W(1+1){cls.group_label(spec)}"
+
+    @classmethod
+    def check_packed(cls, spec: WeightSpec, packed: dict, expected: dict) -> list[tuple[str, str]]:
+        return [] if (packed["alpha"] > 0).all() else [("alpha", "is not all positive")]
 
     def __init__(self, spec: WeightSpec, out_features: int, in_features: int, *, bitmap_forward: str = "soft",
                  ste_clip: float | None = None):

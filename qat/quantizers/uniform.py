@@ -19,12 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat.config import WeightSpec
+from typing import TYPE_CHECKING
+
+from qat.config import QuantConfigError
 from qat.ptq.gptq import gptq_sequential
-from qat.quantizers.base import WeightQuantizer, check_finite, fake_quant, ste_round
+from qat.quantizers.base import SpecOption, WeightQuantizer, check_finite, fake_quant, register_weight_format, ste_round
 from qat.speed import LEVERS
 from qat_kernels.packing import pack_bits
 from qat_kernels.reference import dequant_uniform
+
+if TYPE_CHECKING:
+    from qat.config import WeightSpec
 
 _MIN_SCALE = 1e-5  # keeps all-zero groups finite; representable in fp16 (subnormal)
 _LWC_INIT = 4.0  # OmniQuant's init: sigmoid(4) = 0.982 of the min/max range
@@ -54,8 +59,59 @@ def frozen_affine(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Te
     return _FrozenAffine.apply(q, s, z)
 
 
+@register_weight_format
 class UniformQuantizer(WeightQuantizer):
+    """intN, group-wise scale/zero."""
+
     format = "uniform"
+    default_bits = 4
+    options = (
+        SpecOption("sym", bool, False, "symmetric grid with a fixed mid-point zero (GPTQ convention)"),
+        SpecOption("lwc", bool, False, "learnable weight clipping (OmniQuant) instead of free learnable scale/zero "
+                   "(LSQ+)"),
+        SpecOption("float_zero", bool, False, "the dequantization zero point is a float per group, z - zero_shift, "
+                   "while the codes keep the integer z; stored as float32 zeros (32 bits per group instead of 8). "
+                   "Written by `qat merge`, which folds a QA-LoRA adapter into zero_shift exactly (docs/FINETUNE.md)",
+                   exclusive=True),
+    )
+
+    @classmethod
+    def validate_spec(cls, spec: WeightSpec) -> None:
+        if not 1 <= spec.bits <= 8:
+            raise QuantConfigError(f"uniform weights need bits in 1..8, got {spec.bits}")
+        if spec.sym and spec.bits < 2:
+            raise QuantConfigError("symmetric uniform quantization needs bits >= 2 (use --format binary11 for 1-bit)")
+
+    @classmethod
+    def describe(cls, spec: WeightSpec) -> str:
+        return f"W{spec.bits}{cls.group_label(spec)}{'-sym' if spec.sym else ''}{'-fz' if spec.float_zero else ''}"
+
+    @classmethod
+    def kernel_meta(cls, spec: WeightSpec, out_features: int, in_features: int) -> dict:
+        return {**super().kernel_meta(spec, out_features, in_features), "bits": spec.bits}
+
+    @classmethod
+    def check_packed(cls, spec: WeightSpec, packed: dict, expected: dict) -> list[tuple[str, str]]:
+        qmax, z, problems = 2**spec.bits - 1, packed["zeros"], []
+        if spec.sym and not (z == 2 ** (spec.bits - 1)).all():
+            problems.append(("zeros", f"are not the symmetric mid-point {2 ** (spec.bits - 1)}"))
+        if not spec.float_zero and int(z.max()) > qmax:  # float zero points (a merged QA-LoRA adapter) may leave the grid
+            problems.append(("zeros", f"reach {int(z.max())}, outside the {spec.bits}-bit grid [0, {qmax}]"))
+        if not (packed["scales"] > 0).all():
+            problems.append(("scales", "are not all positive"))
+        return problems
+
+    def check_state(self) -> list[tuple[str, str]]:
+        if self.spec.lwc:
+            return []
+        z, bits = self.zero.detach(), self.spec.bits
+        if self.spec.sym:
+            if not (z == 2 ** (bits - 1)).all():
+                return [("zero", f"is not the symmetric mid-point {2 ** (bits - 1)} everywhere (max {float(z.max()):g})")]
+        elif z.min() < -1 or z.max() > self.qmax + 1:
+            return [("zero", f"ranges over [{float(z.min()):g}, {float(z.max()):g}], outside the {bits}-bit grid "
+                     f"[0, {self.qmax}]")]
+        return []
 
     def __init__(self, spec: WeightSpec, out_features: int, in_features: int):
         super().__init__(spec, out_features, in_features)

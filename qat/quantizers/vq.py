@@ -26,14 +26,19 @@ import math
 import torch
 from torch import nn
 
-from qat.config import QuantConfigError, WeightSpec
+from typing import TYPE_CHECKING
+
+from qat.config import QuantConfigError
 from qat.ptq.gptq import gptq_sequential
-from qat.quantizers.base import WeightQuantizer, check_finite
+from qat.quantizers.base import SpecOption, WeightQuantizer, check_finite, register_weight_format
 from qat.speed import LEVERS
 from qat_kernels.hadamard import (block_hadamard, block_hadamard_inverse, hadamard_block_size, hadamard_matrix,
                                   random_signs)
 from qat_kernels.packing import pack_bits
 from qat_kernels.reference import dequant_vq, vq_affine_decode, vq_untransform
+
+if TYPE_CHECKING:
+    from qat.config import WeightSpec
 
 DGE_K = 5.0
 DGE_GMAX = 3.0
@@ -135,8 +140,47 @@ def _proxy_loss(err: torch.Tensor, hessian: torch.Tensor | None) -> float:
     return float(((err @ hessian) * err).sum())
 
 
+@register_weight_format
 class VQQuantizer(WeightQuantizer):
+    """LC-QAT 2-bit VQ."""
+
     format = "vq"
+    default_bits = 2
+    uses_groups = False  # one affine codebook per layer
+    options = (
+        SpecOption("vq_dim", int, 4, "vector length (the codebook is the affine image of {0..3}^vq_dim)"),
+        SpecOption("hadamard_block", int, 128, "largest block of the random-sign block-Hadamard incoherence "
+                   "transform"),
+    )
+
+    @classmethod
+    def validate_spec(cls, spec: WeightSpec) -> None:
+        if spec.bits != 2:
+            raise QuantConfigError(f"format vq codes {{0..3}} per coordinate (bits=2), got bits={spec.bits}")
+        if spec.vq_dim < 1:
+            raise QuantConfigError(f"vq_dim must be >= 1, got {spec.vq_dim}")
+
+    @classmethod
+    def describe(cls, spec: WeightSpec) -> str:
+        return f"VQ{spec.bits}"
+
+    @classmethod
+    def kernel_meta(cls, spec: WeightSpec, out_features: int, in_features: int) -> dict:
+        return {**super().kernel_meta(spec, out_features, in_features), "bits": spec.bits, "vq_dim": spec.vq_dim,
+                "hadamard_block": spec.hadamard_block}
+
+    @classmethod
+    def meta_from_packed(cls, packed: dict) -> dict:
+        block_in, block_out = (int(v) for v in packed["hadamard_blocks"].tolist())  # ints: no read-back per call
+        return {"block_in": block_in, "block_out": block_out}
+
+    @classmethod
+    def check_packed(cls, spec: WeightSpec, packed: dict, expected: dict) -> list[tuple[str, str]]:
+        problems = [(k, "holds values other than -1/+1") for k in ("signs_in", "signs_out")
+                    if not ((packed[k] == 1) | (packed[k] == -1)).all()]
+        if not torch.equal(packed["hadamard_blocks"].cpu(), expected["hadamard_blocks"].cpu()):
+            problems.append(("hadamard_blocks", "differ from the block sizes the spec builds"))
+        return problems
 
     def __init__(self, spec: WeightSpec, out_features: int, in_features: int):
         super().__init__(spec, out_features, in_features)
