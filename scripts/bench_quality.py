@@ -300,7 +300,11 @@ def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
         rss = "–" if not r.get("peak_rss_mib") else f"{r['peak_rss_mib'] / 1024:.1f} GiB"
         lines.append(f"| {r['name']}: {r['what']} | {r['label']} | {bpw} | {r['wikitext2']:.2f} | {wx:.2f} | "
                      f"{r['code']:.2f} | {cx:.2f} | {_fmt_tokens(r.get('tokens'))} | {wall} | {rss} |")
-    lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", "", "## Commands", ""]
+    lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", ""]
+    analysis = results / "analysis.md"  # the reading of the tables, written by hand after a run
+    if analysis.is_file():
+        lines += [analysis.read_text().strip(), ""]
+    lines += ["## Commands", ""]
     for r in rows:
         if r.get("command"):
             lines.append(f"- {r['name']} ({r['date']}, {r['machine']}): `{r['command']}`"
