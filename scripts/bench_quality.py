@@ -172,7 +172,7 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
     elif row["kind"] == "distill":
         cmd = [sys.executable, "-m", "qat.cli", "distill", "--config", row["config"],
                "--model", a.model, "--output", rel, "--progress", "false", "--overwrite", "true", *row["args"]]
-        if a.adopt:  # trained before this row existed, by a recipe with the same content: evaluate it as the row
+        if getattr(a, "adopt", None):  # trained before this row existed, by a recipe with the same content: evaluate it as the row
             model_dir, rss = Path(a.adopt), None
             meta = json.loads((model_dir / "qat_student.json").read_text())
             seconds = meta["distill"]["seconds"]
