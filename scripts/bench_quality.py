@@ -78,6 +78,9 @@ for _name, _what, _args in (
                            "what": f"stage 1 only: {_what}"}
 ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
                       "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
+ROWS["ours-w2g64-stage2"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64-stage2.yaml",
+                             "args": [], "after": "s1-signround-cosine-mixed",
+                             "what": "ours: the w2g64 recipe as two runs (s1-signround-cosine-mixed, then its stage 2)"}
 ROWS["ours-efficientqat-w2g64"] = {"kind": "distill", **_uniform(2), "args": [],
                                    "config": "configs/smollm2-135m/efficientqat-w2g64.yaml",
                                    "what": "ours: efficientqat-w2g64 recipe (GPTQ, Block-AP, E2E-QP)"}
@@ -184,6 +187,9 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
             model_dir = out_dir
         meta = json.loads((model_dir / "qat_student.json").read_text())
         res["tokens"] = stage_tokens(meta["history"])
+        if row.get("after"):  # a second run on the student of another row: the tokens of both
+            first = load_result(a.results, row["after"])
+            res["tokens"] = {**(first or {}).get("tokens", {}), **res["tokens"]}
         res["history"] = [{k: h.get(k) for k in ("stage", "kind", "val_ppl", "tokens", "seconds")}
                           for h in meta["history"]]
     elif row["kind"] == "autoround":
