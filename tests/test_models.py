@@ -106,7 +106,7 @@ def test_gpt2_conv1d_is_transposed_into_quantlinear():
     conv = model.transformer.h[0].attn.c_attn
     x = torch.randn(2, 5, 64)
     ref = conv(x)
-    q = QuantLinear.from_linear(conv, QuantSpec.from_dict({"weight": {"group_size": 32}}))
+    q = QuantLinear.from_linear(conv, QuantSpec.from_dict({"weight": {"group_size": 32}}), adapter=get_adapter(model))
     q.quant_enabled = False
     assert torch.equal(q(x), ref) or torch.allclose(q(x), ref, atol=1e-6)
 
