@@ -2,8 +2,9 @@
 
 A Recipe names the teacher model, the quant spec, how the student starts (PTQ init or an existing PTQ student
 checkpoint), the training data (a text corpus, or sequences sampled from the teacher and cached to disk), the held-out
-text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act,
-or any kind registered in qat/distill/stage.py, whose class validates its part of the spec), which parameter classes train (see qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
+text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act:
+a class registered in qat/distill/stage.py, which validates its part of the spec), which parameter classes train (see
+qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
 
 Recipes are YAML files (configs/<model>/<method>.yaml). `load_recipe` reads one through the same jsonargparse parser
 the CLI uses (so a file and the command line accept exactly the same keys), then validates it here: every problem is
@@ -239,7 +240,8 @@ class RoundingSpec:
 class StageSpec:
     """One distillation stage.
 
-    kind          blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen)
+    kind          blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen), or another kind
+                  registered in qat/distill/stage.py
     train         parameter classes that train (None = the kind's default: blockwise latent+wq, e2e wq, act act)
     steps/epochs  budget, exactly one of them: optimizer steps (blockwise: per window) or passes over the windows
     samples       blockwise/act: how many data windows are cached as the calibration set (None = all)
