@@ -39,11 +39,10 @@ class QuantLinear(nn.Module):
             self.rotation_block = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rotation_seed: int = 0) -> QuantLinear:
-        """Build from an nn.Linear (or a GPT-2 Conv1D, whose weight is stored transposed)."""
-        w = linear.weight.detach()
-        if type(linear).__name__ == "Conv1D":
-            w = w.t()
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec, rotation_seed: int = 0, adapter=None) -> QuantLinear:
+        """Build from an nn.Linear, or any linear layer of `adapter`'s family (ArchAdapter.linear_weight reads a
+        weight stored transposed)."""
+        w = adapter.linear_weight(linear) if adapter is not None else linear.weight.detach()
         out_f, in_f = w.shape
         q = cls(in_f, out_f, linear.bias is not None, spec, device=w.device, dtype=w.dtype, rotation_seed=rotation_seed)
         with torch.no_grad():
@@ -120,10 +119,7 @@ def check_spec_fits(model: nn.Module, spec: QuantSpec, adapter=None) -> list[str
     adapter = adapter or get_adapter(model)
     names = [n for n in adapter.linear_names(model) if not _matches(n, spec.skip)]
     for n in names:
-        mod = model.get_submodule(n)
-        out_f, in_f = mod.weight.shape
-        if type(mod).__name__ == "Conv1D":
-            out_f, in_f = in_f, out_f
+        out_f, in_f = adapter.linear_shape(model.get_submodule(n))
         make_weight_quantizer(spec.weight, out_f, in_f)
     return names
 
@@ -132,9 +128,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec, adapter=None, init: bool =
     """Swap the adapter's quantizable linears (every linear inside a decoder block, minus `spec.skip`) for
     QuantLinear in place, RTN-initialised unless init=False (a PTQ method or a checkpoint load fills them instead).
     Checks every layer's shape first, so a bad spec changes nothing. Returns the swapped names."""
+    from qat.models import get_adapter
+
+    adapter = adapter or get_adapter(model)
     names = check_spec_fits(model, spec, adapter)
     for i, n in enumerate(names):
-        q = QuantLinear.from_linear(model.get_submodule(n), spec, rotation_seed=i)
+        q = QuantLinear.from_linear(model.get_submodule(n), spec, rotation_seed=i, adapter=adapter)
         if init:
             with torch.no_grad():
                 q.weight.copy_(q.weight_quantizer.init_from(q.weight, seed=i))

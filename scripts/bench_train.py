@@ -140,13 +140,9 @@ class Config:
                              spec=spec or env["fp_spec"], train_ids=env["ids"][:n],
                              device=torch.device("cpu"), run_dir=env["run_dir"], seed=0,
                              designed=env["designed"][who], plan=StepPlan([StagePlan(0, n, n, windows, 10**6, 0)]))
-        if kind == "blockwise":
-            from qat.distill.blockwise import BlockwiseStage
+        from qat.distill.stage import stage_kind
 
-            return BlockwiseStage(ctx, sspec, 0)
-        from qat.distill.e2e import E2EStage
-
-        return E2EStage(ctx, sspec, 0)
+        return stage_kind(kind).build(ctx, sspec, 0)
 
 
 def open_stage(cfg: Config, env: dict):
@@ -239,8 +235,8 @@ def tensor_peak_mb(stage) -> float:
     ctx = stage.ctx
     held = [*ctx.student.parameters(), *ctx.student.buffers(), *ctx.teacher.parameters(), *ctx.teacher.buffers()]
     held += [t for st in stage.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    for store in [getattr(stage, "S", None), *getattr(stage, "T", {}).values()]:
-        if store is not None and getattr(store, "data", None) is not None:
+    for store in stage.activation_stores():
+        if store.data is not None:  # (None once closed)
             held.append(store.data)
     with PeakTensorMemory(held) as mem:
         train_step(stage)

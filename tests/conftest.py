@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 TRITON_REQUIRED = platform.system() == "Linux" and platform.machine() == "x86_64"
 
 
+SLOW_TIMEOUT = 1800  # seconds: the default per-test timeout of tests marked slow (the real model on a CPU)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run the real default model; they get SLOW_TIMEOUT unless they set their own
+    @pytest.mark.timeout (every other test has pyproject.toml's `timeout`)."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 def import_triton():
     """triton, for the tests of the Triton kernels. Where pyproject.toml makes it a dependency a missing triton is an
     error (so CI cannot go green by skipping every kernel test); elsewhere those tests are skipped."""

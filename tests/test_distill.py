@@ -257,6 +257,10 @@ def test_unknown_stage_kind_and_loss(tiny_dir, tmp_path):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.0.train", "[weights]")
     with pytest.raises(RecipeError, match="act stages keep the weights frozen"):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.2.train", "[act, latent]")
+    with pytest.raises(RecipeError, match=r"stage 1 \(e2e-qp\): act_temperature only applies to act stages"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.1.act_temperature", "[0.1, 0.01]")
+    with pytest.raises(RecipeError, match=r"stage 0 \(block-ap\): objective only applies to act stages"):
+        recipe_for(tiny_dir, tmp_path / "o", "--stages.0.objective", "e2e")
     with pytest.raises(RecipeError, match="freeze_codes holds the integer codes fixed"):
         recipe_for(tiny_dir, tmp_path / "o", "--stages.1.train", "[latent, wq]")
     with pytest.raises(RecipeError, match="freeze_codes needs the uniform format"):
@@ -539,3 +543,103 @@ def test_lr_schedule():
     assert f[:2] == [1 / 3, 2 / 3] and f[2] == 1.0 and f[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(f[2:]))
     assert [lr_factor(i, 4, OptimSpec(schedule="constant")) for i in range(4)] == [1.0] * 4
+
+
+# ---- a stage kind added from outside qat/ (the registry, qat/distill/stage.py) ---------------------------------------
+
+def _toy_stage_class():
+    """A whole-model stage that trains the weight quantizers on the MSE between student and teacher logits: everything
+    a kind needs lives on its class (CONTRIBUTING.md). Registered by the fixture below, unregistered after the test."""
+    import torch.nn.functional as F
+
+    from qat.distill.stage import Stage
+
+    class ToyLogitMSEStage(Stage):
+        kind = "toy"
+        default_train = ("wq",)
+
+        @classmethod
+        def losses(cls, spec):
+            return ("mse",)
+
+        def __init__(self, ctx, spec, index):
+            super().__init__(ctx, spec, index)
+            self.total_steps = ctx.plan.stages[index].total
+
+        def begin(self, state):
+            self.ctx.act_bypass.set(self.spec.acts_on)
+            self.make_trainable(None, self.total_steps)
+            if state:
+                self.step = int(state["step"])
+                self.load_opt_state(state)
+
+        def train_step(self, rows):
+            ctx = self.ctx
+            x = ctx.train_ids[rows.cpu()].to(ctx.device)
+            with torch.no_grad():
+                target = ctx.teacher(input_ids=x, use_cache=False).logits
+            loss = F.mse_loss(ctx.student(input_ids=x, use_cache=False).logits, target)
+            value = self.optimize(loss)
+            self.step += 1
+            return {"loss": value, "tokens": int(x.numel())}
+
+        def end(self):
+            self.release()
+
+        def state_dict(self):
+            return {"step": self.step, **(self.opt_state() if not self.done else {})}
+
+        def where(self):
+            return f"{self.label} step {min(self.step + 1, self.total_steps)}/{self.total_steps}"
+
+    return ToyLogitMSEStage
+
+
+@pytest.fixture
+def toy_kind():
+    from qat.distill.stage import _KINDS, register_stage, stage_kinds
+
+    cls = register_stage(_toy_stage_class())
+    assert stage_kinds()["toy"] is cls
+    yield cls
+    _KINDS.pop("toy")
+
+
+def test_a_stage_kind_registered_from_a_test_runs_and_resumes_bit_exactly(toy_kind, tiny_dir, tmp_path, capsys):
+    """`qat distill` runs a kind it has never heard of, registered from this module alone: the recipe validates it
+    by its class (default train, accepted losses), the module builds it from the registry, and a run killed mid-stage
+    resumes through `--resume last` to the same student, bit for bit."""
+    from safetensors.torch import load_file
+
+    from qat.checkpoint import STUDENT_WEIGHTS
+    from qat.cli import main
+    from qat.distill.recipe import RecipeError
+
+    stages = "[{kind: toy, name: toy, steps: 6, batch_size: 4, optim: {default_lr: 1.0e-2}}]"
+
+    def args(out):
+        return ["--config", str(TINY_RECIPE), "--model", str(tiny_dir / "model"), "--output", str(out),
+                "--data.train_file", str(tiny_dir / "train.txt"), "--eval.file", str(tiny_dir / "val.txt"),
+                "--quant.act.bits", "16", "--stages", stages, "--checkpoint_every", "2"]
+
+    r = recipe_for(tiny_dir, tmp_path / "unused", "--quant.act.bits", "16", "--stages", stages)
+    assert r.stages[0].train == ["wq"] and r.stages[0].loss.kind == "mse"  # the kind's defaults
+    with pytest.raises(RecipeError, match=r"unknown loss 'kl' .*supported: mse"):
+        recipe_for(tiny_dir, tmp_path / "unused", "--quant.act.bits", "16", "--stages",
+                   "[{kind: toy, steps: 2, loss: {kind: kl}}]")
+
+    assert main(["distill", *args(tmp_path / "a")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["steps"] == 6 and set(line["val_ppl"]) == {"ptq", "toy"}
+    assert line["val_ppl"]["toy"] != line["val_ppl"]["ptq"]  # the stage trained
+
+    b = tmp_path / "b"
+    with pytest.raises(KeyError, match="simulated kill at step 3"):
+        run(recipe_for(tiny_dir, b, *args(b)[2:]), callbacks=[KillAt(3)])
+    last = json.loads((Path(str(b) + ".run") / "checkpoints" / "last.json").read_text())
+    assert last["global_step"] == 2  # mid-stage
+    assert main(["distill", *args(b), "--resume", "last"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["val_ppl"] == line["val_ppl"]
+    want, got = load_file(tmp_path / "a" / STUDENT_WEIGHTS), load_file(b / STUDENT_WEIGHTS)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

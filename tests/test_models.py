@@ -106,7 +106,10 @@ def test_gpt2_conv1d_is_transposed_into_quantlinear():
     conv = model.transformer.h[0].attn.c_attn
     x = torch.randn(2, 5, 64)
     ref = conv(x)
-    q = QuantLinear.from_linear(conv, QuantSpec.from_dict({"weight": {"group_size": 32}}))
+    ad = get_adapter(model)
+    assert ad.is_linear(conv) and ad.linear_shape(conv) == (192, 64) == tuple(ad.linear_weight(conv).shape)
+    assert not get_adapter("llama").is_linear(conv)  # only the gpt2 adapter says Conv1D is a (transposed) linear
+    q = QuantLinear.from_linear(conv, QuantSpec.from_dict({"weight": {"group_size": 32}}), adapter=ad)
     q.quant_enabled = False
     assert torch.equal(q(x), ref) or torch.allclose(q(x), ref, atol=1e-6)
 

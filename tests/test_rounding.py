@@ -153,7 +153,7 @@ def test_rounding_window_resumes_bit_exactly(tiny_dir, tmp_path, rounding):  # n
     ({"rounding": {"method": "signround"}, "train": ["wq"]}, None, "remove 'wq' from train"),
     ({"rounding": {"method": "signround"}, "freeze_codes": True}, None, "cannot run with freeze_codes"),
     ({"rounding": {"method": "flexround"}}, None, "unknown rounding method 'flexround'"),
-    ({"kind": "e2e", "rounding": {"method": "signround"}}, None, "rounding is a block-wise option"),
+    ({"kind": "e2e", "rounding": {"method": "signround"}}, None, "rounding only applies to blockwise stages"),
     ({"rounding": {"method": "signround", "range": 0}}, None, "range > 0"),
     ({"rounding": {"method": "signround"}}, '{weight: {format: binary11, group_size: 32}}', "needs the uniform format"),
 ])

@@ -33,6 +33,9 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # stage 0 trains scales and zero points over frozen codes instead of the latent weights
 SMOOTH = ["--stages.0.train", "[wq]", "--stages.0.freeze_codes", "true", "--stages.0.optim.lr", "{wq: 1.0e-3}"]
 TIMEOUT = 600  # seconds for any one launch on a loaded 2-core machine
+# a test launches the run up to three times (reference, killed, resumed); the slowest took 272 s (+84 s module setup)
+# on a 2-core machine at load ~10, so the default 300 s per test is too short here
+pytestmark = pytest.mark.timeout(3 * TIMEOUT)
 
 
 @pytest.fixture(scope="module", autouse=True)

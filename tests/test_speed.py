@@ -298,6 +298,7 @@ def test_student_and_export_give_the_same_logits_and_tokens(tmp_path, spec_dict)
 
 
 # ---- the benchmark script's smoke test -----------------------------------------------------------------------------
+@pytest.mark.timeout(1000)  # 71 s on a loaded 2-core machine; the script itself is bounded by 900 s below
 def test_bench_train_quick_runs_every_path(tmp_path):
     """scripts/bench_train.py --quick on a tiny random model: every path, two lever variants, a table, a profile."""
     import json

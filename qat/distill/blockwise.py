@@ -31,8 +31,8 @@ import torch
 
 from qat.distill.cache import ActivationStore
 from qat.distill.losses import block_loss
-from qat.distill.recipe import StageSpec
-from qat.distill.stage import DistillContext, Stage
+from qat.distill.recipe import RecipeError, StageSpec
+from qat.distill.stage import DistillContext, Stage, register_stage
 from qat.models import capture_block_inputs, run_block, run_unit
 
 
@@ -54,8 +54,40 @@ def make_windows(n_units: int, window: int, overlap: int) -> list[tuple[int, int
         start += window - overlap
 
 
+ROUNDING_METHODS = ("none", "signround", "adaround")
+
+
+@register_stage
 class BlockwiseStage(Stage):
     kind = "blockwise"
+    default_train = ("latent", "wq")
+    options = ("rounding",)
+
+    @classmethod
+    def block_objective(cls, spec: StageSpec) -> bool:
+        return True
+
+    @classmethod
+    def validate_spec(cls, spec: StageSpec, w: str) -> None:
+        r = spec.rounding
+        if r.method not in ROUNDING_METHODS:
+            raise RecipeError(f"{w}: unknown rounding method {r.method!r}; supported: {', '.join(ROUNDING_METHODS)}")
+        if r.enabled:
+            if spec.freeze_codes:
+                raise RecipeError(f"{w}: rounding learns the codes; it cannot run with freeze_codes")
+            if any(s.split(".")[0] == "wq" for s in spec.train):
+                raise RecipeError(f"{w}: rounding owns the scales and zero points while a window trains (it learns "
+                                  "the clipping range); remove 'wq' from train")
+            if not r.range > 0 or (r.lr is not None and not r.lr > 0) or (r.minmax_lr is not None and
+                                                                            not r.minmax_lr > 0) or r.reg_weight < 0:
+                raise RecipeError(f"{w}: rounding needs range > 0, positive learning rates and reg_weight >= 0")
+
+    @classmethod
+    def check_quant(cls, spec: StageSpec, quant, w: str) -> None:
+        wt = quant.weight
+        if spec.rounding.enabled and (wt.format != "uniform" or wt.lwc or wt.float_zero):
+            raise RecipeError(f"{w}: rounding {spec.rounding.method} needs the uniform format with free scale/zero "
+                              f"(not lwc or float_zero), the spec is {quant.describe()}")
 
     def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
         super().__init__(ctx, spec, index)
@@ -77,7 +109,6 @@ class BlockwiseStage(Stage):
         self.window_idx, self.step_in_window = 0, 0
         self.unit_errors: list[float] = []  # ACBQ adaptive weight: first-step loss of every window so far
         self.omega = 0.0
-        self.window_log: list[dict] = []
         self.S: ActivationStore | None = None
         self.S_at = 0
         self.T: dict[int, ActivationStore] = {}
@@ -140,6 +171,12 @@ class BlockwiseStage(Stage):
         return sorted(set(need))
 
     # ---- stage protocol -----------------------------------------------------------------------------------------
+    def position(self) -> tuple[int, int]:
+        return self.window_idx, self.step_in_window
+
+    def activation_stores(self) -> list[ActivationStore]:
+        return [s for s in [self.S, *self.T.values()] if s is not None]
+
     def begin(self, state: dict | None) -> None:
         ctx = self.ctx
         ctx.act_bypass.set(self.spec.acts_on)
@@ -265,9 +302,8 @@ class BlockwiseStage(Stage):
         self.finish_rounding()
         self.unfreeze_codes()
         self.release()
-        for s in [self.S, *self.T.values()]:
-            if s is not None:
-                s.close()
+        for s in self.activation_stores():
+            s.close()
         self.S, self.T = None, {}
 
     def state_dict(self) -> dict:

@@ -15,13 +15,15 @@ import torch
 
 from qat.distill.losses import block_loss, logits_loss, next_token_ce, teacher_confidence
 from qat.distill.recipe import StageSpec
-from qat.distill.stage import DistillContext, Stage
+from qat.distill.stage import DistillContext, Stage, register_stage
 
 GAMMA_WINDOWS = 16  # windows used to estimate the teacher confidence of CAKLD
 
 
+@register_stage
 class E2EStage(Stage):
     kind = "e2e"
+    default_train = ("wq",)
 
     def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
         super().__init__(ctx, spec, index)

@@ -51,26 +51,15 @@ from qat.distill import params as P
 from qat.distill.faults import kill_if
 from qat.distill.params import quantizer_train_mode
 from qat.distill.recipe import Recipe
-from qat.distill.stage import DistillContext, Stage
+from qat.distill.stage import DistillContext, Stage, stage_kind
 
 STATE_KEY = "qat_distill"
 STATE_VERSION = 2
 
 
 def make_stage(ctx: DistillContext, spec, index: int) -> Stage:
-    if spec.kind == "blockwise":
-        from qat.distill.blockwise import BlockwiseStage
-
-        return BlockwiseStage(ctx, spec, index)
-    if spec.kind == "e2e":
-        from qat.distill.e2e import E2EStage
-
-        return E2EStage(ctx, spec, index)
-    if spec.kind == "act":
-        from qat.distill.act import make_act_stage
-
-        return make_act_stage(ctx, spec, index)
-    raise ValueError(f"unknown stage kind {spec.kind!r}")
+    """The stage for recipe stage `index`, built by the class registered for its kind (qat/distill/stage.py)."""
+    return stage_kind(spec.kind, f"stage {index} ({spec.name})").build(ctx, spec, index)
 
 
 def _numpy_rng_state() -> tuple:
@@ -192,14 +181,13 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self._boundary = False
         s, w, t = self.plan.locate(batch_idx)
-        where = (self.stage_index, getattr(self.stage, "window_idx", 0), getattr(self.stage, "step_in_window",
-                                                                              getattr(self.stage, "step", 0)))
+        where = (self.stage_index, *self.stage.position())
         if (s, w, t) != where:
             raise RuntimeError(f"data and stage disagree at step {batch_idx + 1}: batch for {(s, w, t)}, stage at "
                                f"{where}")
         if not self._shard[batch.cpu()].all():
             raise RuntimeError(f"step {batch_idx + 1}: process {self.dist.rank} got rows outside its shard")
-        window_before = getattr(self.stage, "window_idx", None)
+        window_before = self.stage.position()[0]
         quantizer_train_mode(self.student)  # (evaluate() leaves the whole student in eval mode)
         t0 = time.perf_counter()
         metrics = self.stage.train_step(batch)
@@ -207,7 +195,7 @@ class DistillModule(L.LightningModule):
         self._stage_tokens += metrics["tokens"] * self.dist.world
         self.loss_log.append((self.global_step_, self.stage_index, metrics["loss"]))
         self._log_step(metrics, dt)
-        if getattr(self.stage, "window_idx", None) != window_before:
+        if self.stage.position()[0] != window_before:
             self._boundary = True
             self._log_window()
         if self.stage.done:
@@ -263,9 +251,8 @@ class DistillModule(L.LightningModule):
                                                "tokens": self._stage_tokens,
                                                "seconds": round(time.time() - self._stage_t0, 1),
                                                "shards": shards})
-        windows = getattr(stage, "window_log", None)
-        if windows:
-            self.history[-1]["windows"] = windows
+        if stage.window_log:
+            self.history[-1]["windows"] = stage.window_log
         self._notify("on_distill_stage_end")
         self.stage = None
         self._stage_tokens, self._stage_t0 = 0, time.time()  # a checkpoint at the boundary starts the next stage at 0
@@ -330,7 +317,7 @@ class DistillModule(L.LightningModule):
         self._scalar("train/peak_memory_mb", _peak_memory_mb(self.device), g)
 
     def _log_window(self) -> None:
-        log = getattr(self.stage, "window_log", None)
+        log = self.stage.window_log
         if log:
             w = log[-1]
             self._scalar(f"s{self.stage_index}_{self.stage.spec.name}/window_final_loss", w["last_loss"], w["window"])

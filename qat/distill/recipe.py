@@ -2,8 +2,9 @@
 
 A Recipe names the teacher model, the quant spec, how the student starts (PTQ init or an existing PTQ student
 checkpoint), the training data (a text corpus, or sequences sampled from the teacher and cached to disk), the held-out
-text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act),
-which parameter classes train (see qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
+text for per-stage perplexity, and an ordered list of stages. Each StageSpec declares its kind (blockwise | e2e | act:
+a class registered in qat/distill/stage.py, which validates its part of the spec), which parameter classes train (see
+qat/distill/params.py), its loss, its optimizer/schedule and its step budget.
 
 This file is the schema: the field docs below are what `qat distill --help` shows. Recipes are YAML files
 (configs/<model>/<method>.yaml) read by qat/distill/recipe_cli.py through the same jsonargparse parser the command line
@@ -19,20 +20,14 @@ from typing import Any
 
 from qat.config import QuantConfigError, QuantSpec
 
-STAGE_KINDS = ("blockwise", "e2e", "act")
-BLOCK_LOSSES = ("mse", "token_mse", "cosine")
-E2E_LOSSES = ("kl", "reverse_kl", "cakld", "ce")
 UNIT_KINDS = ("block", "acbq")
-ACT_OBJECTIVES = ("blockwise", "e2e")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 TEACHER_PRECISIONS = ("fp", "int8", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
 PTQ_METHODS = ("rtn", "gptq")
 DATA_SOURCES = ("text", "teacher", "mixed")
-ROUNDING_METHODS = ("none", "signround", "adaround")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PARAM_CLASSES = ("latent", "bias", "wq", "act", "norms", "embed", "head")
-DEFAULT_TRAIN = {"blockwise": ["latent", "wq"], "e2e": ["wq"], "act": ["act"]}
 
 
 class RecipeError(QuantConfigError):
@@ -260,7 +255,8 @@ class StageSpec:
     """One distillation stage.
 
     Attributes:
-        kind: blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen)
+        kind: blockwise (stage 1) | e2e (stage 2) | act (stage 3: activation factors, weights frozen), or another
+            kind registered in qat/distill/stage.py
         name: shown in logs and the history (default: <kind><index>)
         train: parameter classes that train (None = the kind's default: blockwise latent+wq, e2e wq, act act)
         loss: the stage loss
@@ -306,41 +302,30 @@ class StageSpec:
     window_eval: bool = False
 
     def validate(self, i: int) -> None:
+        from qat.distill.stage import stage_kind, stage_kinds
+
         w = f"stage {i}" + (f" ({self.name})" if self.name else "")
-        if self.kind not in STAGE_KINDS:
-            raise RecipeError(f"{w}: unknown stage kind {self.kind!r}; supported: {', '.join(STAGE_KINDS)}")
+        kind = stage_kind(self.kind, w)
         self.name = self.name or f"{self.kind}{i}"
         if self.train is None:  # a window that learns its rounding trains nothing else by default
-            self.train = [] if self.rounding.enabled else list(DEFAULT_TRAIN[self.kind])
+            self.train = [] if self.rounding.enabled else list(kind.default_train)
         if not self.train and not self.rounding.enabled:
             raise RecipeError(f"{w}: train lists no parameters")
         for sel in self.train:
             check_selector(sel, w)
-        if self.kind == "act" and any(s == "latent" or s == "bias" for s in self.train):
-            raise RecipeError(f"{w}: act stages keep the weights frozen; remove 'latent'/'bias' from train")
         if self.freeze_codes and any(s in ("latent", "re:.*") for s in self.train):
             raise RecipeError(f"{w}: freeze_codes holds the integer codes fixed, so latent weights get no gradient; "
                               "remove 'latent' from train")
-        r = self.rounding
-        if r.method not in ROUNDING_METHODS:
-            raise RecipeError(f"{w}: unknown rounding method {r.method!r}; supported: {', '.join(ROUNDING_METHODS)}")
-        if r.enabled:
-            if self.kind != "blockwise":
-                raise RecipeError(f"{w}: rounding is a block-wise option (a window learns its rounding, then bakes it)")
-            if self.freeze_codes:
-                raise RecipeError(f"{w}: rounding learns the codes; it cannot run with freeze_codes")
-            if any(s.split(".")[0] == "wq" for s in self.train):
-                raise RecipeError(f"{w}: rounding owns the scales and zero points while a window trains (it learns "
-                                  "the clipping range); remove 'wq' from train")
-            if not r.range > 0 or (r.lr is not None and not r.lr > 0) or (r.minmax_lr is not None and
-                                                                            not r.minmax_lr > 0) or r.reg_weight < 0:
-                raise RecipeError(f"{w}: rounding needs range > 0, positive learning rates and reg_weight >= 0")
-        if self.kind == "act" and self.objective not in ACT_OBJECTIVES:
-            raise RecipeError(f"{w}: unknown act objective {self.objective!r}; supported: {', '.join(ACT_OBJECTIVES)}")
-        block_objective = self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
-        losses = BLOCK_LOSSES if block_objective else E2E_LOSSES
+        defaults = StageSpec()
+        for opt in sorted({o for k in stage_kinds().values() for o in k.options} - set(kind.options)):
+            if getattr(self, opt) != getattr(defaults, opt):
+                owners = [k.kind for k in stage_kinds().values() if opt in k.options]
+                raise RecipeError(f"{w}: {opt} only applies to {' / '.join(owners)} stages")
+        kind.validate_spec(self, w)
+        block_objective = kind.block_objective(self)
+        losses = kind.losses(self)
         if self.loss.kind is None:
-            self.loss.kind = "token_mse" if block_objective else "kl"
+            self.loss.kind = losses[0]
         if self.loss.kind not in losses:
             raise RecipeError(f"{w}: unknown loss {self.loss.kind!r} for "
                               f"{'a block-wise' if block_objective else 'an end-to-end'} objective; supported: "
@@ -382,20 +367,18 @@ class StageSpec:
             raise RecipeError(f"{w}: need warmup >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
         if self.polarize.weight < 0 or not (self.polarize.beta_start > 0 and self.polarize.beta_end > 0):
             raise RecipeError(f"{w}: polarize needs weight >= 0 and positive betas")
-        if self.act_temperature is not None:
-            t = self.act_temperature
-            if self.kind != "act":
-                raise RecipeError(f"{w}: act_temperature only applies to act stages")
-            if len(t) != 2 or not (t[0] > 0 and t[1] > 0):
-                raise RecipeError(f"{w}: act_temperature needs [start, end] > 0, got {t}")
 
     @property
     def block_objective(self) -> bool:
-        return self.kind == "blockwise" or (self.kind == "act" and self.objective == "blockwise")
+        from qat.distill.stage import stage_kind
+
+        return stage_kind(self.kind).block_objective(self)
 
     @property
     def acts_on(self) -> bool:
-        return self.kind == "act" if self.act_quant is None else bool(self.act_quant)
+        from qat.distill.stage import stage_kind
+
+        return stage_kind(self.kind).quantizes_acts if self.act_quant is None else bool(self.act_quant)
 
     def steps_for(self, n_windows_of_data: int) -> int:
         """Optimizer steps (per window for block-wise objectives) for a pool of `n_windows_of_data` sequences."""
@@ -504,16 +487,13 @@ class Recipe:
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Stage options that depend on the number format (also run on a --student checkpoint's spec)."""
+        from qat.distill.stage import stage_kind
+
         for i, s in enumerate(self.stages):
             if s.freeze_codes and (spec.weight.format != "uniform" or spec.weight.lwc or spec.weight.float_zero):
                 raise RecipeError(f"stage {i} ({s.name}): freeze_codes needs the uniform format with free "
                                   f"scale/zero (not lwc or float_zero), the spec is {spec.describe()}")
-            if s.rounding.enabled and (spec.weight.format != "uniform" or spec.weight.lwc or spec.weight.float_zero):
-                raise RecipeError(f"stage {i} ({s.name}): rounding {s.rounding.method} needs the uniform format with "
-                                  f"free scale/zero (not lwc or float_zero), the spec is {spec.describe()}")
-            if s.kind == "act" and not spec.act.enabled:
-                raise RecipeError(f"stage {i} ({s.name}): act stage needs activation quantization "
-                                  f"(quant.act.bits 4 or 8), the spec is {spec.describe()}")
+            stage_kind(s.kind).check_quant(s, spec, f"stage {i} ({s.name})")
 
     def quant_spec(self) -> QuantSpec | None:
         return self.quant

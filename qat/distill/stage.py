@@ -1,20 +1,28 @@
 """What every stage shares: the run context, the optimizer step with its gradient average over processes and its
 NaN guard, and the binary11 bitmap helpers (polarization, hardening).
 
-A stage is driven one optimizer step at a time by the LightningModule (qat/distill/module.py):
+A stage kind is one Stage subclass registered by name (@register_stage; `stage_kind(name)` looks it up): its
+class methods are the kind's part of the recipe (default `train`, the losses it accepts, whether its objective is
+block-wise, the StageSpec options only it takes and their checks), and its instances run. Built in: blockwise
+(blockwise.py), e2e (e2e.py), act (act.py). The LightningModule (qat/distill/module.py) builds each stage with
+`stage_kind(spec.kind).build(ctx, spec, index)` and drives it one optimizer step at a time:
     begin(state)    build caches/optimizer; `state` is the stage's own state_dict() when resuming mid-stage
     train_step(rows) one optimizer step on the pool rows this process was given (qat/data/module.py decides which)
                     -> {"loss": float (averaged over the processes), "tokens": int (this process's)}
     done            True once the budget is spent;  end(): finish (harden bitmaps, free caches)
     state_dict()    everything needed to continue bit-exactly: position, optimizer + scheduler state
+    where()         the position in words, for errors and the checkpoint
+Optional, with defaults here: before_step(), position() (window, step in it), progress(), window_log,
+activation_stores().
 """
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,8 +31,15 @@ from qat.config import QuantSpec
 from qat.dist import SINGLE, Dist
 from qat.distill import params as P
 from qat.distill.optim import build_optimizer, build_scheduler
-from qat.distill.recipe import StageSpec
+from qat.distill.recipe import RecipeError, StageSpec
 from qat.nn import QuantLinear
+
+if TYPE_CHECKING:
+    from qat.distill.cache import ActivationStore
+
+# the loss kinds of qat/distill/losses.py, each list's default first
+BLOCK_LOSSES = ("token_mse", "mse", "cosine")  # block_loss: block-wise objectives
+E2E_LOSSES = ("kl", "reverse_kl", "cakld", "ce")  # logits_loss: end-to-end objectives
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
@@ -69,9 +84,76 @@ def stage_seed(base: int, stage: int, window: int = 0) -> int:
     return base * 1_000_003 + stage * 10_007 + window
 
 
-class Stage:
-    kind = ""
+_KINDS: dict[str, type[Stage]] = {}
 
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make `cls` the stage kind named `cls.kind` (recipes say `kind: <name>`)."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} has no kind name")
+    if _KINDS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"stage kind {cls.kind!r} is already registered by {_KINDS[cls.kind].__name__}")
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def _builtin_kinds() -> None:
+    import qat.distill.act  # noqa: F401  (each module registers its kind; act imports blockwise and e2e)
+
+
+def stage_kinds() -> dict[str, type[Stage]]:
+    """name -> stage class, the built-in kinds first, then any registered since."""
+    _builtin_kinds()
+    return dict(_KINDS)
+
+
+def stage_kind(name: str, where: str = "recipe") -> type[Stage]:
+    """The stage class registered as `name` (a RecipeError naming the known kinds, prefixed by `where`)."""
+    kinds = stage_kinds()
+    if name not in kinds:
+        raise RecipeError(f"{where}: unknown stage kind {name!r}; supported: {', '.join(kinds)}")
+    return kinds[name]
+
+
+class Stage(ABC):
+    """One stage kind. Subclasses set `kind`, implement the abstract methods, and override the class methods of
+    their recipe part where the defaults (an end-to-end objective, `train: [wq]`) do not fit."""
+
+    kind: ClassVar[str] = ""
+    default_train: ClassVar[tuple[str, ...]] = ("wq",)  # the `train` list when the recipe gives none
+    # StageSpec fields only this kind takes: set on a stage of another kind they are an error
+    options: ClassVar[tuple[str, ...]] = ()
+    quantizes_acts: ClassVar[bool] = False  # runs the activation quantizers when the spec leaves act_quant unset
+
+    # ---- the kind's part of the recipe (class methods: run while the recipe is validated, before any model) -------
+    @classmethod
+    def block_objective(cls, spec: StageSpec) -> bool:
+        """True when the stage reconstructs block outputs on cached calibration windows (the step plan then has
+        windows of units, qat.distill.run.step_plan); False for a whole-model objective on the pool."""
+        return False
+
+    @classmethod
+    def losses(cls, spec: StageSpec) -> tuple[str, ...]:
+        """The loss kinds this stage accepts, the default first."""
+        return BLOCK_LOSSES if cls.block_objective(spec) else E2E_LOSSES
+
+    @classmethod
+    def validate_spec(cls, spec: StageSpec, where: str) -> None:
+        """Checks of the options this kind reads (raise RecipeError). StageSpec.validate calls it once `train` is
+        filled in and options of other kinds are refused, before the loss kind is checked against losses()."""
+        return None  # nothing kind-specific by default
+
+    @classmethod
+    def check_quant(cls, spec: StageSpec, quant, where: str) -> None:
+        """Checks against the run's QuantSpec (also a --student checkpoint's), RecipeError."""
+        return None
+
+    @classmethod
+    def build(cls, ctx: DistillContext, spec: StageSpec, index: int) -> Stage:
+        """The stage object for stage `index` (a kind with variants picks one here)."""
+        return cls(ctx, spec, index)
+
+    # ---- a running stage --------------------------------------------------------------------------------------
     def __init__(self, ctx: DistillContext, spec: StageSpec, index: int):
         self.ctx, self.spec, self.index = ctx, spec, index
         self.opt: torch.optim.Optimizer | None = None
@@ -81,20 +163,42 @@ class Stage:
         self.last_loss = self.last_main = float("nan")
         self.frozen = None  # FrozenCodes while a freeze_codes stage/window runs
         self.rounding = None  # SignRound while a window learns its rounding (rounding.py)
+        self.window_log: list[dict] = []  # one entry per finished window (block-wise), kept in the history
 
-    # ---- to implement -------------------------------------------------------------------------------------------
     total_steps: int = 0
     step: int = 0  # steps done in this stage
 
+    @abstractmethod
     def begin(self, state: dict | None) -> None: ...
+
+    @abstractmethod
     def train_step(self, rows: torch.Tensor) -> dict: ...
+
+    @abstractmethod
+    def end(self) -> None: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def where(self) -> str: ...
+
+    # ---- optional, with defaults --------------------------------------------------------------------------------
     def before_step(self) -> None:
         """Called at the start of every train_step (the act stage anneals its temperature here)."""
+        return None
 
-    def end(self) -> None: ...
-    def state_dict(self) -> dict: ...
-    def where(self) -> str: ...
-    def progress(self) -> dict: return {"step": self.step, "total": self.total_steps}
+    def position(self) -> tuple[int, int]:
+        """(window, step within it) of the next step; the module checks it against the data plan every step and
+        logs a window when the first number changes. One window by default."""
+        return 0, self.step
+
+    def progress(self) -> dict:
+        return {"step": self.step, "total": self.total_steps}
+
+    def activation_stores(self) -> list[ActivationStore]:
+        """The activation caches the stage holds (memory accounting, scripts/bench_train.py)."""
+        return []
 
     @property
     def done(self) -> bool:
@@ -143,12 +247,12 @@ class Stage:
         self.frozen = FrozenCodes(mods).attach(state.get("frozen") if state else None)
 
     def unfreeze_codes(self) -> None:
-        if getattr(self, "frozen", None) is not None:
+        if self.frozen is not None:
             self.frozen.finish()
             self.frozen = None
 
     def frozen_state(self) -> dict:
-        return {"frozen": self.frozen.state_dict()} if getattr(self, "frozen", None) is not None else {}
+        return {"frozen": self.frozen.state_dict()} if self.frozen is not None else {}
 
     def learn_rounding(self, prefixes: list[str], total_steps: int, state: dict | None) -> None:
         """rounding: the uniform quantizers under `prefixes` learn their rounding and clipping (rounding.py)."""

@@ -110,7 +110,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, spec: QuantSpec, out_
     ref = reference_architecture(model.config)
     for name in qlins:
         kind = type(ref.get_submodule(name)).__name__
-        if kind != "Linear":  # targets are matched by class: a GPT-2 Conv1D would not be found by readers
+        if kind != "Linear":  # targets are matched by class: a transposed linear (ArchAdapter) would not be found
             raise QuantConfigError(f"compressed-tensors export needs nn.Linear layers; {name!r} is a {kind} "
                                    f"(use --format native)")
     ignore = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear) and n not in qlins]

@@ -72,15 +72,6 @@ def export_spec(cfg_file: Path, qc: dict[str, Any]) -> QuantSpec:
     return spec
 
 
-def _linear_shape(mod: nn.Module) -> tuple[int, int]:
-    """(out, in) of an nn.Linear or a GPT-2 Conv1D (whose weight is stored [in, out])."""
-    if type(mod).__name__ == "Conv1D":
-        return mod.weight.shape[1], mod.weight.shape[0]
-    if isinstance(mod, nn.Linear):
-        return mod.out_features, mod.in_features
-    raise ValueError(f"quantized module is a {type(mod).__name__}, not a linear layer")
-
-
 _EXPECTED_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -118,13 +109,13 @@ def _build_packed_model(p: Path, qc: dict[str, Any], spec: QuantSpec, dtype: tor
     cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
     if hasattr(cfg, "quantization_config"):  # ours, not a transformers quantizer's: keep transformers out of it
         del cfg.quantization_config
-    get_adapter(cfg.model_type)  # an unsupported architecture fails with the list of supported ones
+    adapter = get_adapter(cfg.model_type)  # an unsupported architecture fails with the list of supported ones
     modules = qc["modules"]
     if not isinstance(modules, list) or not all(isinstance(n, str) for n in modules):
         raise ValueError(f"{cfg_file}: quantization_config modules is not a list of module names")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        order = check_spec_fits(model, spec)  # the modules the spec quantizes, in quantize_model's order
+        order = check_spec_fits(model, spec, adapter)  # the modules the spec quantizes, in quantize_model's order
         if sorted(order) != sorted(modules):
             extra, lacking = sorted(set(modules) - set(order)), sorted(set(order) - set(modules))
             raise ValueError(f"{cfg_file}: quantized modules do not match what {spec.describe()} quantizes in "
@@ -134,7 +125,7 @@ def _build_packed_model(p: Path, qc: dict[str, Any], spec: QuantSpec, dtype: tor
         packed_names: set[str] = set()
         for name in modules:
             mod = model.get_submodule(name)
-            out_f, in_f = shapes[name] = _linear_shape(mod)
+            out_f, in_f = shapes[name] = adapter.linear_shape(mod)
             exp = expected_runtime_tensors(spec, out_f, in_f)
             packed = {k: torch.empty_like(v, device="meta") for k, v in exp.items() if not k.startswith("act_quantizer.")}
             act = {k.split(".", 1)[1]: torch.empty_like(v, device="meta")

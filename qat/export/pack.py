@@ -141,8 +141,11 @@ def export_native(model: nn.Module, tokenizer, spec: QuantSpec, out_dir, *, dtyp
     qlins = quant_linears(model)
     if not qlins:
         raise ValueError("the model has no quantized linear layers; nothing to export")
+    from qat.models import get_adapter
+
     ref = reference_architecture(model.config)
-    ref_linears = {n for n, m in ref.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    adapter = get_adapter(ref)
+    ref_linears = {n for n, m in ref.named_modules() if adapter.is_linear(m)}
     skipped = sorted(ref_linears - set(qlins))  # linears left in floating point (lm_head, spec.skip)
 
     tensors: dict[str, torch.Tensor] = {}

@@ -26,16 +26,35 @@ class ArchAdapter:
     attn_norm: str
     mlp_norm: str
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the block input
+    # class names of the family's linear layers that store their weight transposed, [in, out] (GPT-2's Conv1D): the
+    # one place that says so; everything else asks is_linear / linear_shape / linear_weight
+    transposed: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
 
+    def is_linear(self, m: nn.Module) -> bool:
+        """A linear layer of this family: nn.Linear, a transposed linear, or an already quantized QuantLinear."""
+        return isinstance(m, nn.Linear) or type(m).__name__ in (*self.transposed, "QuantLinear")
+
+    def linear_weight(self, m: nn.Module) -> torch.Tensor:
+        """The (detached) weight of a linear layer as [out, in], whatever its storage."""
+        w = m.weight.detach()
+        return w.t() if type(m).__name__ in self.transposed else w
+
+    def linear_shape(self, m: nn.Module) -> tuple[int, int]:
+        """(out, in) of a linear layer of this family."""
+        if not self.is_linear(m):
+            raise ValueError(f"quantized module is a {type(m).__name__}, not a linear layer")
+        out_f, in_f = m.weight.shape
+        return (in_f, out_f) if type(m).__name__ in self.transposed else (out_f, in_f)
+
     def linear_names(self, model: nn.Module) -> list[str]:
-        """Fully qualified names of every linear (nn.Linear or GPT-2 Conv1D) inside the decoder blocks."""
+        """Fully qualified names of every linear (is_linear) inside the decoder blocks."""
         names = []
         for i, block in enumerate(self.blocks(model)):
             for n, m in block.named_modules():
-                if isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "QuantLinear"):
+                if self.is_linear(m):
                     names.append(f"{self.blocks_path}.{i}.{n}")
         return names
 
@@ -43,7 +62,7 @@ class ArchAdapter:
         """Linear names inside one block, split into the attention unit and the MLP unit (ACBQ's units)."""
         out = {"attn": [], "mlp": []}
         for n, m in block.named_modules():
-            if isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "QuantLinear"):
+            if self.is_linear(m):
                 head = n.split(".")[0]
                 out["attn" if head == self.attn else "mlp"].append(n)
         return out
@@ -56,7 +75,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "opt": ArchAdapter(family="opt", blocks_path="model.decoder.layers", attn="self_attn", mlp=("fc1", "fc2"),
                        attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm"),
     "gpt2": ArchAdapter(family="gpt2", blocks_path="transformer.h", attn="attn", mlp=("mlp",),
-                        attn_norm="ln_1", mlp_norm="ln_2"),
+                        attn_norm="ln_1", mlp_norm="ln_2", transposed=("Conv1D",)),
     "gpt_neox": ArchAdapter(family="gpt_neox", blocks_path="gpt_neox.layers", attn="attention", mlp=("mlp",),
                             attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
                             parallel_residual=True),
