@@ -433,7 +433,8 @@ def run(args) -> dict:
             "times_s": [round(t, 4) for t in c.times], "memory_mib": c.memory})
     profile = None
     if args.profile:
-        slow = max((c for c in configs if c.path != "fp" and c.path != "block"),
+        slow = max((c for c in configs if c.path != "fp" and c.path != "block"
+                    and args.profile_variant in (None, c.variant["name"])),
                    key=lambda c: statistics.median([t / f for t, f in zip(c.times, fp[(c.variant["name"], c.batch)]
                                                                           .times)]), default=None)
         if slow is not None:
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write results here instead of docs/ (the quick mode's default: runs/)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="profile one step of the slowest path (default: on)")
+    ap.add_argument("--profile-variant", default=None,
+                    help="profile the slowest path of this variant only (default: the slowest of all variants)")
     ap.add_argument("--no-memory", action="store_true", help="skip the MemTracker pass on the warm-up step")
     ap.add_argument("--quick", action="store_true",
                     help="tiny random Llama, seq 32, batch 2, 2 rounds: a smoke test of the whole script")
