@@ -407,7 +407,8 @@ def report() -> str:
                 f" ({d['lr']['date']}).", ""]
     if "teacher" in d:
         t = d["teacher"]
-        out += [f"**Teacher precision** — {t['date']}, same machine, {t['torch_threads']} thread(s); first "
+        out += [f"**Teacher precision** — {t['date']}, same machine, {t['torch_threads']} thread(s), load average "
+                f"{t['load_avg_1m_at_start']} at the start; bitsandbytes' int8 / NF4 layers on the CPU; first "
                 f"{t['eval_tokens']:,} tokens:", "", "| teacher | WikiText-2 ppl | python test ppl | footprint |",
                 "| --- | ---: | ---: | ---: |"]
         out += [f"| {k} | {fmt(v['wikitext_ppl'])} | {fmt(v['code_ppl'])} | {v['footprint_mb']:.0f} MiB |"
