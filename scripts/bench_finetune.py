@@ -418,18 +418,23 @@ def report() -> str:
         m = d["memory"]
         loads = [v["load_avg_1m_at_start"] for v in m["rows"].values() if "load_avg_1m_at_start" in v]
         load = f"{min(loads)}–{max(loads)}" if loads else m["load_avg_1m_at_start"]
-        out += [f"**Memory savers** — {m['date']}, device: CPU ({m['cpu']}, no GPU lent), {m['torch_threads']} "
+        dates = sorted(v["date"] for v in m["rows"].values() if "date" in v)
+        out += [f"**Memory savers** — {dates[0] + ' to ' + dates[-1][11:] if dates else m['date']}, device: CPU ({m['cpu']}, no GPU lent), {m['torch_threads']} "
                 f"thread(s), load average {load} at the start of the configurations (a machine shared with other "
                 f"jobs: tokens/s compare only roughly); {m['probe_steps']} optimizer "
                 f"steps of {m['batch_size']} x 512 tokens per configuration, each in its own process. Peak RSS is the "
                 "process's resident memory sampled every 20 ms while the steps run (models, activations, optimizer "
                 "state); tokens/s over the steps between the first and the last (which allocate and checkpoint).", "",
                 "| configuration | peak RSS (MiB) | tokens/s |", "| --- | ---: | ---: |"]
-        for k, v in m["rows"].items():
+        order = {c[0]: i for i, c in enumerate(MEMORY_CONFIGS)}
+        for k, v in sorted(m["rows"].items(), key=lambda kv: order.get(kv[0], len(order))):
             if "not_run" in v:
                 out.append(f"| {k} | not run: {v['not_run']} | – |")
             else:
                 out.append(f"| {k} | {v['peak_rss_mb']:,.0f} | {v['tokens_per_s']:.1f} |")
+        missing = [c[0] for c in MEMORY_CONFIGS if c[0] not in m["rows"]]
+        if missing:
+            out += ["", "Not measured yet (`--only memory --config NAME` adds a row): " + "; ".join(missing) + "."]
         out += ["", "Commands: `" + "`, `".join(dict.fromkeys(v["command"].split(" --")[0] for v in m["rows"].values()
                                                               if "command" in v)) + "` with the options in "
                 "docs/finetune/results.json.", ""]
