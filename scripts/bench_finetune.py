@@ -147,8 +147,8 @@ def section_lora(a) -> None:
                                refine_steps=a.refine_steps if extra else 0, data=CODE_TRAIN, refine_samples=16)
         merged, _, _ = load_base(out)
         res["merge"][name] = {
-            "command": f"qat merge --student {a.student} --adapter {work / adapter} --output {out} --mode {mode} "
-                       + shlex.join(extra),
+            "command": f"qat merge --student {a.student} --adapter {work / adapter} --output {out} --mode {mode}"
+                       + (" " + shlex.join(extra) if extra else ""),
             "seconds": round(time.time() - t0, 1), "exact_bound_ratio": report["exact_bound_ratio"],
             "spec": report["spec"], "code_ppl": ppl(merged, tok, CODE_TEST, a.eval_tokens),
             "wikitext_ppl": ppl(merged, tok, WIKI_TEST, a.eval_tokens),
@@ -322,9 +322,9 @@ def run_probe(a, kind: str, extra: list[str]) -> dict:
 def section_memory(a) -> None:
     info = machine()
     rows = {}
-    for name, kind, extra in MEMORY_CONFIGS:
-        if a.config and a.config not in name:
-            continue
+    exact = [c for c in MEMORY_CONFIGS if c[0] == a.config]  # a full name selects that one configuration alone
+    for name, kind, extra in exact or [c for c in MEMORY_CONFIGS if not a.config or a.config in c[0]]:
+        when = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
         cmd = [sys.executable, __file__, "--probe", json.dumps([kind, extra]), "--student", a.student, "--model",
                a.model, "--batch-size", str(a.probe_batch_size)]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -337,6 +337,7 @@ def section_memory(a) -> None:
             msg = err[-1] if err else f"exit status {p.returncode}"
             head, _, rest = msg.partition(": ")
             rows[name] = {"not_run": rest if head.endswith("Error") else msg}  # the error line, without its class
+        rows[name].update(when)
         print(name, rows[name], flush=True)
     old = json.loads(RESULTS.read_text()).get("memory", {}) if RESULTS.is_file() and a.config else {}
     store("memory", {**old, **info, "rows": {**old.get("rows", {}), **rows}, "device": "cpu",
@@ -356,7 +357,7 @@ def report() -> str:
     if "student" in d:
         s = d["student"]
         out += [f"**Student** (W2g64, EfficientQAT recipe at `make demo`'s budget, {s['seconds'] / 60:.0f} min, "
-                f"{s['date']}): `{s['command']}`", ""]
+                f"{s['date']}): `{s['command']}`" + (f" ({s['note']})" if s.get("note") else ""), ""]
     if "lora" in d:
         r = d["lora"]
         out += [f"**LoRA on the code corpus** — {r['date']}, {r['cpu']} ({r['logical_cpus']} logical CPUs, no GPU), "
@@ -379,7 +380,7 @@ def report() -> str:
             m = r["merge"][n]
             out.append(f"| {label} | – | – | – | {fmt(m['code_ppl'])} | {fmt(m['wikitext_ppl'])} |")
         out += ["", "Commands:", ""] + [f"- `{r[n]['command']}`" for n in ("lora", "qalora")] + \
-            [f"- `{m['command']}`" for m in r["merge"].values()] + [""]
+            [f"- `{m['command'].strip()}`" for m in r["merge"].values()] + [""]
         ex = r["merge"]["exact"]
         out += ["Checks on 2 windows (1,024 tokens) of python test text:", "",
                 "| comparison | max abs logit diff | max abs logit | bit-identical |", "| --- | ---: | ---: | :---: |"]
@@ -395,7 +396,7 @@ def report() -> str:
         out += [f"| {k} | {v['max_abs_diff']:.3g} | {v['max_abs_logit']:.3g} | {'yes' if v['bit_identical'] else 'no'}"
                 " |" for k, v in rows]
         out += ["", f"The exact merge's weights stayed within the derived float32 bound (worst element at "
-                f"{ex['exact_bound_ratio']:.2f} of it); the merged export stores {ex['export']['bits_per_weight']:.3f} "
+                f"{ex['exact_bound_ratio']:.5f} of it); the merged export stores {ex['export']['bits_per_weight']:.3f} "
                 "bits/weight (float32 zero points).", ""]
     if "lr" in d and "lora" in d:
         rows = {**{k: v["code_ppl_after"] for k, v in d["lr"]["rows"].items()},
@@ -406,7 +407,8 @@ def report() -> str:
                 f" ({d['lr']['date']}).", ""]
     if "teacher" in d:
         t = d["teacher"]
-        out += [f"**Teacher precision** — {t['date']}, same machine, {t['torch_threads']} thread(s); first "
+        out += [f"**Teacher precision** — {t['date']}, same machine, {t['torch_threads']} thread(s), load average "
+                f"{t['load_avg_1m_at_start']} at the start; bitsandbytes' int8 / NF4 layers on the CPU; first "
                 f"{t['eval_tokens']:,} tokens:", "", "| teacher | WikiText-2 ppl | python test ppl | footprint |",
                 "| --- | ---: | ---: | ---: |"]
         out += [f"| {k} | {fmt(v['wikitext_ppl'])} | {fmt(v['code_ppl'])} | {v['footprint_mb']:.0f} MiB |"
@@ -414,17 +416,25 @@ def report() -> str:
         out += [""]
     if "memory" in d:
         m = d["memory"]
-        out += [f"**Memory savers** — {m['date']}, device: CPU ({m['cpu']}, no GPU lent), {m['torch_threads']} "
-                f"thread(s), load average {m['load_avg_1m_at_start']} at the start; {m['probe_steps']} optimizer "
+        loads = [v["load_avg_1m_at_start"] for v in m["rows"].values() if "load_avg_1m_at_start" in v]
+        load = f"{min(loads)}–{max(loads)}" if loads else m["load_avg_1m_at_start"]
+        dates = sorted(v["date"] for v in m["rows"].values() if "date" in v)
+        out += [f"**Memory savers** — {dates[0] + ' to ' + dates[-1][11:] if dates else m['date']}, device: CPU ({m['cpu']}, no GPU lent), {m['torch_threads']} "
+                f"thread(s), load average {load} at the start of the configurations (a machine shared with other "
+                f"jobs: tokens/s compare only roughly); {m['probe_steps']} optimizer "
                 f"steps of {m['batch_size']} x 512 tokens per configuration, each in its own process. Peak RSS is the "
                 "process's resident memory sampled every 20 ms while the steps run (models, activations, optimizer "
                 "state); tokens/s over the steps between the first and the last (which allocate and checkpoint).", "",
                 "| configuration | peak RSS (MiB) | tokens/s |", "| --- | ---: | ---: |"]
-        for k, v in m["rows"].items():
+        order = {c[0]: i for i, c in enumerate(MEMORY_CONFIGS)}
+        for k, v in sorted(m["rows"].items(), key=lambda kv: order.get(kv[0], len(order))):
             if "not_run" in v:
                 out.append(f"| {k} | not run: {v['not_run']} | – |")
             else:
                 out.append(f"| {k} | {v['peak_rss_mb']:,.0f} | {v['tokens_per_s']:.1f} |")
+        missing = [c[0] for c in MEMORY_CONFIGS if c[0] not in m["rows"]]
+        if missing:
+            out += ["", "Not measured yet (`--only memory --config NAME` adds a row): " + "; ".join(missing) + "."]
         out += ["", "Commands: `" + "`, `".join(dict.fromkeys(v["command"].split(" --")[0] for v in m["rows"].values()
                                                               if "command" in v)) + "` with the options in "
                 "docs/finetune/results.json.", ""]
@@ -443,7 +453,8 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default=str(WORK / "w2g64-student"))
     ap.add_argument("--only", choices=["student", "lora", "lr", "teacher", "memory"], action="append")
     ap.add_argument("--lr-sweep", default="2e-4", help="lr section: comma-separated learning rates")
-    ap.add_argument("--config", default=None, help="memory: only configurations whose name contains this")
+    ap.add_argument("--config", default=None, help="memory: only the configuration of this name, or those whose name contains "
+                    "it")
     ap.add_argument("--steps", type=int, default=24, help="LoRA optimizer steps")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--probe-batch-size", type=int, default=1, help="memory section: sequences of 512 per step")
