@@ -65,7 +65,7 @@ def bench_run(model: str, procs: int, work: Path) -> dict:
                               "peak_rss_mb_process0": round(max(mem[s] for s in steps)),
                               "seconds": h["seconds"], "steps": h["steps"], "tokens": h["tokens"]}
     return {"processes": procs, "threads_per_process": 1, "wall_s": round(wall, 1), "stages": stages,
-            "command": " ".join(cmd[1:])}
+            "command": " ".join(cmd[1:]).replace(f"{REPO}/", "")}
 
 
 def _allreduce_worker(rank: int, world: int, port: int, model: str, q) -> None:
