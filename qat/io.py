@@ -320,3 +320,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, *, kind:
     else:
         tmp.rename(final)
     fsync_dir(final.parent)
+
+
+def clear_entries(directory: Path, names) -> None:
+    """--overwrite of a run directory: remove the entries `names` a command wrote there and its marker, nothing else."""
+    for name in (*names, MARKER):
+        p = Path(directory) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()

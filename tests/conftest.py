@@ -139,3 +139,18 @@ def tiny_dir(tmp_path_factory, wikitext_valid):
     (d / "train.txt").write_text(text[:20000], encoding="utf-8")
     (d / "val.txt").write_text(text[20000:30000], encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed CPU (10x faster there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def token_cache(tmp_path, monkeypatch):
+    """Each test its own tokenization cache (QAT_CACHE_DIR), so no test reads another's."""
+    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))

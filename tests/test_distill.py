@@ -13,21 +13,9 @@ import torch
 from conftest import REPO
 from lightning.pytorch.callbacks import Callback
 
+pytestmark = pytest.mark.usefixtures("one_thread", "token_cache")  # conftest.py
+
 TINY_RECIPE = REPO / "configs" / "tiny" / "w2-three-stages.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed CPU (10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
 
 
 def recipe_for(tiny_dir, out, *overrides, path=TINY_RECIPE):

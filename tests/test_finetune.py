@@ -21,21 +21,10 @@ from qat.cli import main as cli
 from qat.config import QuantSpec
 from qat.nn import QuantLinear, quant_linears, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_thread", "token_cache")  # conftest.py
+
 W2 = {"weight": {"bits": 2, "group_size": 32}}
 U32 = 2.0**-24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
 
 
 def save_tiny_student(path: Path, spec_dict: dict, seed: int = 0, **cfg) -> Path:

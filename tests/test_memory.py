@@ -15,18 +15,7 @@ from test_finetune import recipe_for as finetune_recipe
 from qat.cli import main as cli
 from qat.distill import memory
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "token_cache")  # conftest.py
 
 
 def _grads(model, x):

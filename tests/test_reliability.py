@@ -18,18 +18,7 @@ from test_distill import TINY_RECIPE, KillAt, recipe_for, run
 
 from qat.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread", "token_cache")  # conftest.py
 
 
 def cli(capsys, *argv) -> tuple[int, list[str], str]:

@@ -35,20 +35,7 @@ SMOOTH = ["--stages.0.train", "[wq]", "--stages.0.freeze_codes", "true", "--stag
 TIMEOUT = 600  # seconds for any one launch on a loaded 2-core machine
 # a test launches the run up to three times (reference, killed, resumed); the slowest took 272 s (+84 s module setup)
 # on a 2-core machine at load ~10, so the default 300 s per test is too short here
-pytestmark = pytest.mark.timeout(3 * TIMEOUT)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "token-cache"))
+pytestmark = [pytest.mark.timeout(3 * TIMEOUT), pytest.mark.usefixtures("one_thread", "token_cache")]
 
 
 def _env(**extra) -> dict:

@@ -26,7 +26,6 @@ import copy
 import fnmatch
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -229,14 +228,9 @@ def check_run_dir(recipe: Recipe, pre: dict, resume: str | None, overwrite: bool
 
 def clear_run_dir(run_dir: Path) -> None:
     """--overwrite: remove what qat distill wrote in the run directory (RUN_ENTRIES, the marker), nothing else."""
-    from qat.io import MARKER
+    from qat.io import clear_entries
 
-    for name in (*RUN_ENTRIES, MARKER):
-        p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+    clear_entries(run_dir, RUN_ENTRIES)
 
 
 # ---- processes -----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,14 +68,9 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> dict:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    from qat.io import MARKER
+    from qat.io import clear_entries
 
-    for name in (*RUN_ENTRIES, MARKER):
-        p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+    clear_entries(run_dir, RUN_ENTRIES)
 
 
 def lora_targets(recipe: FinetuneRecipe, base) -> list[str] | str:
