@@ -63,6 +63,7 @@ for _b in (4, 3, 2):
                                    "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
 ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
                              "tokens_like": "ours-w2g64"}
+MIXED = ["--data.source", "mixed", "--data.teacher_fraction", "0.5", "--data.prompt_len", "8"]  # half teacher samples
 S1 = "configs/smollm2-135m/stage1-autoround-budget.yaml"  # stage 1 alone at AutoRound's budget, one lever at a time
 for _name, _what, _args in (
         ("signround-cosine", "SignRound, cosine loss, RTN init", []),
@@ -73,9 +74,15 @@ for _name, _what, _args in (
          ["--stages.0.rounding.method", "none", "--stages.0.train", "[latent, wq]",
           "--stages.0.optim.lr", "{latent: 1.0e-3, wq: 1.0e-3}", "--stages.0.optim.schedule", "cosine"]),
         ("signround-cosine-mixed", "SignRound, cosine, RTN init, mixed data (half teacher samples)",
-         ["--data.source", "mixed", "--data.teacher_fraction", "0.5", "--data.prompt_len", "8"])):
+         MIXED)):
     ROWS[f"s1-{_name}"] = {"kind": "distill", **_uniform(2), "config": S1, "args": _args, "group": "stage1",
                            "what": f"stage 1 only: {_what}"}
+for _b in (4, 3):  # stage 1 of the w4g64 / w3g64 recipes alone: ours at AutoRound's budget, token for token
+    ROWS[f"s1-w{_b}g64"] = {"kind": "distill", **_uniform(_b), "config": S1,
+                            "args": ["--quant.weight.bits", str(_b), *MIXED],
+                            "what": f"ours, stage 1 of the w{_b}g64 recipe (SignRound, cosine, RTN init, mixed data)"}
+    ROWS[f"ours-w{_b}g64"] = {"kind": "distill", **_uniform(_b), "config": f"configs/smollm2-135m/w{_b}g64.yaml",
+                              "args": [], "what": f"ours: w{_b}g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
 ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
                       "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
 ROWS["ours-w2g64-stage2"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64-stage2.yaml",

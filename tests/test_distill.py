@@ -370,6 +370,34 @@ def test_cli_runs_a_recipe_end_to_end(tiny_dir, tmp_path, capsys):
     assert line["steps"] == 6 and set(line["val_ppl"]) == {"ptq", "blockwise0"}
 
 
+def test_the_same_distill_command_twice_gives_the_same_student(tiny_dir, tmp_path, capsys):
+    """Reproducibility (docs/RESULTS.md): the recipe of the shipped w2g64 default in miniature (RTN, teacher-sampled
+    half of the data, SignRound block-wise, E2E-QP) run twice into separate directories, so the teacher samples are
+    drawn again, not read from a cache: the same perplexities and bit-identical student tensors."""
+    from safetensors.torch import load_file
+
+    from qat.checkpoint import STUDENT_WEIGHTS
+    from qat.cli import main
+
+    def args(out):
+        return ["distill", "--config", str(TINY_RECIPE), "--model", str(tiny_dir / "model"), "--output", str(out),
+                "--data.train_file", str(tiny_dir / "train.txt"), "--eval.file", str(tiny_dir / "val.txt"),
+                "--quant.act.bits", "16", "--data.source", "mixed", "--data.teacher_fraction", "0.5",
+                "--data.prompt_len", "4", "--data.gen_batch_size", "4",
+                "--stages", "[{kind: blockwise, rounding: {method: signround}, loss: {kind: cosine}, steps: 3, "
+                            "batch_size: 4}, {kind: e2e, train: [wq.scale], freeze_codes: true, "
+                            "optim: {lr: {wq.scale: 1.0e-3}}, loss: {kind: kl}, steps: 3, batch_size: 2}]"]
+
+    lines = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert main(args(out)) == 0
+        lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        assert len(list((out.parent / (out.name + ".run") / "data").glob("teacher-samples-*.pt"))) == 1
+    assert lines[0]["val_ppl"] == lines[1]["val_ppl"] and set(lines[0]["val_ppl"]) == {"ptq", "blockwise0", "e2e1"}
+    a, b = (load_file(o / STUDENT_WEIGHTS) for o in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 # ---- losses -----------------------------------------------------------------------------------------------------------
 
 def test_token_mse_is_not_dominated_by_the_sink_token():
