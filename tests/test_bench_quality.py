@@ -27,3 +27,25 @@ def test_quick_mode_runs_every_row_and_writes_the_report(tmp_path):
     for name in rows:
         assert f"| {name}: " in report
     assert (tmp_path / "quality" / "ppl_vs_bits.png").stat().st_size > 10_000
+    assert "## Targets per format" in report and (tmp_path / "quality" / "ppl_vs_tokens.png").stat().st_size > 10_000
+
+
+def test_targets_mark_each_format_by_its_best_run():
+    """The per-format targets table: the best run by WikiText-2 is judged against its × FP target, and on code against
+    1.5× its own WikiText ratio; a format without runs says so."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_quality as bq
+
+    fp = {"wikitext2": 10.0, "code": 4.0}
+
+    def run(name, fmt, wiki, code):
+        return {"name": name, "format": fmt, "wikitext2": wiki, "code": code, "points": [(1000, 99.0), (3000, wiki)],
+                "seconds": 600}
+
+    lines = bq.targets_section([run("a", "W2g64", 25.0, 8.0), run("b", "W2g64", 19.0, 20.0),
+                                run("c", "W4g64", 10.4, 4.1)], fp)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| W")}
+    # b wins W2g64 (1.9x <= 2x) but its code is 5.0x FP, 2.6 times its WikiText ratio
+    assert rows["W2g64"][2:5] == ["b", "19.00", "1.90"] and rows["W2g64"][-2:] == ["reached", "missed (2.6× the ratio) |"]
+    assert rows["W4g64"][-2:] == ["reached", "reached |"]  # 1.04x, code 1.025x
+    assert rows["W3g64"][2] == "not run"
