@@ -262,13 +262,26 @@ def test_resume_with_lora_dropout_is_bit_exact(tiny, tmp_path):
     assert not all(torch.equal(ref[k], plain[k]) for k in keys)  # the dropout did act
 
 
-def test_resume_refuses_another_base(lora_run, tiny, tmp_path):
+def test_resume_refuses_a_changed_recipe_or_base(lora_run, tiny, tmp_path):
+    """A resume that would mix two runs is refused before any weight loads: another learning rate or another --model
+    path (the run's finetune.json against this recipe), or the same path holding other weights (the base
+    fingerprint in the checkpoint). What a resume may change (progress, checkpointing) is accepted."""
+    from qat.distill.recipe import RecipeError
+
+    base = tmp_path / "base"
+    save_tiny_student(base, W2, seed=0)
     out = tmp_path / "adapter"
     with pytest.raises(KeyError):
-        finetune(recipe_for(tiny, out), callbacks=[KillAt(4)])
+        finetune(recipe_for(tiny, out, "--model", str(base)), callbacks=[KillAt(4)])
+    with pytest.raises(RecipeError, match=r"different recipe or input: optim.default_lr \(0.01 -> 0.02\)"):
+        finetune(recipe_for(tiny, out, "--model", str(base), "--optim.default_lr", "2e-2"), resume="last")
     other = save_tiny_student(tmp_path / "other", W2, seed=1)
-    with pytest.raises(ValueError, match="trained on another base model than --model"):
+    with pytest.raises(RecipeError, match="different recipe or input: model "):
         finetune(recipe_for(tiny, out, "--model", str(other)), resume="last")
+    save_tiny_student(base, W2, seed=1)  # same path, other weights
+    with pytest.raises(ValueError, match="trained on another base model than --model"):
+        finetune(recipe_for(tiny, out, "--model", str(base), "--memory.grad_checkpointing", "true",
+                            "--checkpoint_every", "2"), resume="last")
 
 
 # ---- merge ------------------------------------------------------------------------------------------------------------

@@ -149,22 +149,23 @@ def input_fingerprints(recipe: Recipe, model_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _safe_on_resume(key: str) -> bool:
-    return any(key == pat or fnmatch.fnmatchcase(key, pat) or key.startswith(pat + ".") for pat in SAFE_ON_RESUME)
+def _matches(key: str, patterns) -> bool:
+    return any(key == pat or fnmatch.fnmatchcase(key, pat) or key.startswith(pat + ".") for pat in patterns)
 
 
-def resume_differences(stored_recipe: dict, recipe: Recipe, stored_inputs: dict | None,
-                       inputs: dict | None) -> list[str]:
+def resume_differences(stored_recipe: dict, recipe, stored_inputs: dict | None, inputs: dict | None,
+                       safe=SAFE_ON_RESUME, input_keys=INPUT_KEYS) -> list[str]:
     """The changes between the run's stored recipe/inputs and the current ones that alter the result, as
-    'key (old -> new)'. Inputs are compared by content when the run recorded it (inputs.json), else by path."""
+    'key (old -> new)': every key but the `safe` ones. Inputs (`input_keys`) are compared by content when the run
+    recorded it (inputs.json), else by resolved path. qat finetune passes its own key lists."""
     from qat.checkpoint import differing_keys
 
     current = json.loads(json.dumps(recipe.to_dict(), default=str))
     changed = []
     for key, old, new in differing_keys(stored_recipe, current):
-        if _safe_on_resume(key) or (key in INPUT_KEYS and stored_inputs is not None):
+        if _matches(key, safe) or (key in input_keys and stored_inputs is not None):
             continue
-        if key in INPUT_KEYS and old and new and _resolved(old) == _resolved(new):
+        if key in input_keys and old and new and _resolved(old) == _resolved(new):
             continue
         changed.append(f"{key} ({old!r} -> {new!r})")
     if stored_inputs is not None and inputs is not None:

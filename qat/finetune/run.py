@@ -22,6 +22,11 @@ from qat.finetune.recipe import FinetuneRecipe
 
 
 RUN_ENTRIES = (CKPT_DIR, "tb", "finetune.json")  # what qat finetune writes in its run directory
+# recipe keys a --resume may change: they do not alter the adapter it trains (activation checkpointing recomputes the
+# same forward); every other change is refused. Inputs are compared by resolved path.
+SAFE_ON_RESUME = ("progress", "checkpoint_every", "output", "run_dir", "device", "eval.batch_size",
+                  "memory.grad_checkpointing")
+INPUT_KEYS = ("model", "teacher", "data", "eval.file")
 
 
 def resume_path(files, resume: str | None) -> Path | None:
@@ -45,15 +50,28 @@ def resume_path(files, resume: str | None) -> Path | None:
     return p
 
 
-def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> dict:
+def check_run_dir(recipe: FinetuneRecipe, run_dir: Path, resume: str | None, overwrite: bool) -> dict:
     """Under the run directory's lock: the checkpoint to resume, its files (the writer), and whether the directory
-    starts fresh. A directory qat finetune did not write is never cleared; one it wrote is cleared only with
+    starts fresh. A resume with a recipe that would change the result is refused (the run's finetune.json against
+    this one). A directory qat finetune did not write is never cleared; one it wrote is cleared only with
     --overwrite (and only of RUN_ENTRIES)."""
     from qat.distill.callbacks import CheckpointFiles
+    from qat.distill.run import resume_differences
     from qat.io import MARKER, dir_kind
 
     files = CheckpointFiles(run_dir / CKPT_DIR)
     ckpt = resume_path(files, resume)
+    if ckpt is not None:
+        stored = ckpt.resolve().parent.parent / "finetune.json"  # the recipe of the run the checkpoint belongs to
+        if not stored.is_file():
+            raise FileNotFoundError(f"cannot check the recipe against the run's: {stored} is missing")
+        changed = resume_differences(json.loads(stored.read_text()), recipe, None, None, safe=SAFE_ON_RESUME,
+                                     input_keys=INPUT_KEYS)
+        if changed:
+            raise RecipeError(f"--resume: the run ({stored}) was started with a different recipe or input: "
+                              f"{'; '.join(changed)}. Resuming would mix two runs; start a new one (another --output "
+                              f"or --run_dir, or --overwrite true). Keys a resume may change: "
+                              f"{', '.join(SAFE_ON_RESUME)}")
     ours = run_dir.is_dir() and dir_kind(run_dir) == "finetune-run"
     if ckpt is None and run_dir.is_dir():
         if ours and (files.last.exists() or files.prev.exists()) and not overwrite:
@@ -153,7 +171,7 @@ def run_finetune(recipe: FinetuneRecipe, *, resume: str | None = None, overwrite
     pre = preflight(recipe, resume, overwrite)
     with claim_output(recipe.output, "adapter", overwrite=overwrite, inputs=pre["inputs"]), \
             claim_output(pre["run_dir"], "finetune-run", overwrite=overwrite, what="--run_dir", inputs=pre["inputs"]):
-        pre.update(check_run_dir(pre["run_dir"], resume, overwrite))
+        pre.update(check_run_dir(recipe, pre["run_dir"], resume, overwrite))
         return _train(recipe, pre, overwrite, callbacks, tensorboard, t_start)
 
 
