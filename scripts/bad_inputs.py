@@ -89,10 +89,18 @@ class World:
         self.run_out = root / "distilled"
         sh(*self.distill(self.run_out, "--checkpoint_every", "3"))
         self.run_dir = Path(str(self.run_out) + ".run")
+        self.adapter = root / "adapter"  # a finished LoRA run on the student (its run dir: adapter.run)
+        sh(*self.finetune(self.adapter, "--checkpoint_every", "3"))
+        self.ft_run_dir = Path(str(self.adapter) + ".run")
 
     def distill(self, out, *extra) -> list[str]:
         return qat("distill", "--config", TINY_RECIPE, "--model", self.model, "--data.train_file", self.train,
                    "--eval.file", self.val, "--output", out, *extra)
+
+    def finetune(self, out, *extra) -> list[str]:
+        return qat("finetune", "--model", self.student, "--data", self.train, "--output", out, "--steps", "6",
+                   "--batch_size", "2", "--seq_len", "32", "--num_samples", "8", "--lora.r", "4", "--progress",
+                   "false", *extra)
 
     def copy(self, src: Path, name: str) -> Path:
         dst = Path(tempfile.mkdtemp(dir=self.root)) / name
@@ -420,6 +428,47 @@ def cases(w: World, gguf: Path) -> list[Case]:
         Case("distill", "`--student` a native export", w.distill(fresh("o"), "--student", w.export)),
         Case("distill", "`--model` lacking one tensor",
              w.distill(fresh("o"), "--model", model_copy(drop("model.layers.1.mlp.up_proj.weight")))),
+    ]
+
+    # ---- finetune / merge ----
+    def ft_resume(what, *extra) -> Case:
+        d = Path(tempfile.mkdtemp(dir=w.root))
+        shutil.copytree(w.ft_run_dir, d / "adapter.run")
+        return Case("finetune", what, w.finetune(d / "adapter", "--checkpoint_every", "3", "--resume", "last", *extra),
+                    keep=[d / "adapter.run" / "finetune.json"])
+
+    ud4, ud5, ad_in = user_dir(), user_dir(), w.copy(w.adapter, "adapter")
+    other_student = fresh("other-student")
+    sh(*qat("ptq", "--model", w.model, "--method", "rtn", "--bits", "4", "--group-size", "32", "--output",
+            other_student, "--device", "cpu"))
+    s_in3 = w.copy(w.student, "student")
+    out += [
+        Case("finetune", "`--data` that does not exist", w.finetune(fresh("a"), "--data", fresh("none.txt"))),
+        Case("finetune", "`--model` a native export (supported: LoRA on the packed linears)",
+             w.finetune(fresh("a"), "--model", w.export)),
+        Case("finetune", "`--model` an FP model (no quantized linears)", w.finetune(fresh("a"), "--model", w.model)),
+        Case("finetune", "`--lora.targets` matching no module", w.finetune(fresh("a"), "--lora.targets", "[nothing]")),
+        Case("finetune", "`--lora.qalora true` on an FP model, `--lora.targets [q_proj]`",
+             w.finetune(fresh("a"), "--model", w.model, "--lora.qalora", "true", "--lora.targets", "[q_proj]")),
+        Case("finetune", "`--output` a directory of the user's files, `--overwrite true`",
+             w.finetune(ud4, "--overwrite", "true"), keep=[ud4]),
+        Case("finetune", "`--output` an existing adapter, no `--overwrite`", w.finetune(ad_in), keep=[ad_in]),
+        Case("finetune", "`--resume last` with no run yet", w.finetune(fresh("a"), "--resume", "last")),
+        ft_resume("`--resume last --optim.default_lr 0.02` (changes the result)", "--optim.default_lr", "0.02"),
+        ft_resume("`--resume last --progress true` (safe key)", "--progress", "true"),
+        Case("merge", "`--adapter` a student directory", qat("merge", "--student", w.student, "--adapter", w.student,
+                                                             "--output", fresh("m"))),
+        Case("merge", "an adapter onto another student", qat("merge", "--student", other_student, "--adapter",
+                                                             w.adapter, "--output", fresh("m"))),
+        Case("merge", "`--output` equal to `--student`, `--overwrite`",
+             qat("merge", "--student", s_in3, "--adapter", w.adapter, "--output", s_in3, "--overwrite"),
+             keep=[s_in3]),
+        Case("merge", "`--output` a directory of the user's files, `--overwrite`",
+             qat("merge", "--student", w.student, "--adapter", w.adapter, "--output", ud5, "--overwrite"),
+             keep=[ud5]),
+        Case("merge", "`--refine-steps 2` without `--data`", qat("merge", "--student", w.student, "--adapter",
+                                                                 w.adapter, "--output", fresh("m"), "--mode",
+                                                                 "approx", "--refine-steps", "2")),
     ]
 
     # ---- Python API ----

@@ -466,6 +466,10 @@ def test_finetune_bad_targets_and_options_fail_before_work(tiny, tmp_path, capsy
         assert err == [f"qat finetune: error: {pattern}"] or (pattern in err[0] and err[0].startswith(
             "qat finetune: error: ")), err
         assert not out.exists() and not Path(str(out) + ".run").exists()
+    assert cli(["finetune", "--model", str(tiny / "fp"), "--data", str(tiny / "train.txt"), "--output", str(out)]) == 2
+    assert _err(capsys) == ["qat finetune: error: the model has no quantized linears to adapt (an FP model?): qat "
+                            "finetune trains LoRA on a qat student or export; name the linears with --lora.targets "
+                            "(e.g. [q_proj, v_proj]) to adapt an FP model"]
     vq = save_tiny_student(tmp_path / "vq", {"weight": {"format": "vq"}})
     assert cli(["finetune", "--model", str(vq), "--data", str(tiny / "train.txt"), "--output", str(out),
                 "--lora.qalora", "true"]) == 2

@@ -180,6 +180,10 @@ def matched_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 def check_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """The linears `targets` selects; one-line errors when it selects nothing or a module that is not a linear."""
+    if targets == []:  # the default (every quantized linear) of a model that has none
+        raise ValueError("the model has no quantized linears to adapt (an FP model?): qat finetune trains LoRA on a "
+                         "qat student or export; name the linears with --lora.targets (e.g. [q_proj, v_proj]) to "
+                         "adapt an FP model")
     names = matched_modules(model, targets)
     if not names:
         raise ValueError(f"LoRA targets {targets} match no module of the model; its quantized linears are named "

@@ -173,7 +173,8 @@ def _merge_adapter(student_dir, adapter_dir, output, *, mode: str, overwrite: bo
     if refine_steps and mode == "exact":
         raise ValueError("--refine-steps refines an approximate merge; the exact merge needs none (use --mode approx)")
     if refine_steps and not (data and Path(data).is_file()):
-        raise FileNotFoundError(f"--refine-steps needs --data, a text file ({data!r} does not exist)")
+        raise FileNotFoundError("--refine-steps needs --data, a text file to refine on (e.g. the fine-tuning data)"
+                                if data is None else f"--refine-steps: --data {str(data)!r} does not exist")
     if base_kind(student_dir) != "student":
         raise ValueError(f"--student {str(student_dir)!r} is not a student checkpoint (merge into the `qat ptq` / "
                          "`qat distill` checkpoint the adapter or its export came from)")
