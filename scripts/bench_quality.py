@@ -83,6 +83,11 @@ for _b in (4, 3):  # stage 1 of the w4g64 / w3g64 recipes alone: ours at AutoRou
                             "what": f"ours, stage 1 of the w{_b}g64 recipe (SignRound, cosine, RTN init, mixed data)"}
     ROWS[f"ours-w{_b}g64"] = {"kind": "distill", **_uniform(_b), "config": f"configs/smollm2-135m/w{_b}g64.yaml",
                               "args": [], "what": f"ours: w{_b}g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
+    ROWS[f"ours-w{_b}g64-stage2"] = {  # w2g64-stage2.yaml pointed at this width's stage-1 row, with its recipe's lr
+        "kind": "distill", **_uniform(_b), "config": "configs/smollm2-135m/w2g64-stage2.yaml", "after": f"s1-w{_b}g64",
+        "args": ["--student", f"runs/quality/s1-w{_b}g64", "--data.cache_dir", f"runs/quality/s1-w{_b}g64.run/data",
+                 "--stages.0.optim.lr", "{wq.scale: %s}" % {4: "2.0e-4", 3: "4.3e-4"}[_b]],
+        "what": f"ours: the w{_b}g64 recipe as two runs (s1-w{_b}g64, then its stage 2)"}
 ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
                       "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
 ROWS["ours-w2g64-stage2"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64-stage2.yaml",

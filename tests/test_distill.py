@@ -359,6 +359,22 @@ def test_cli_override_syntax():
         load_recipe(TINY_RECIPE, ["--stages.0.stepz", "1"])
 
 
+def test_print_config_shows_the_recipe_the_run_would_use(tmp_path, capsys):
+    """--print_config includes the per-stage overrides (jsonargparse's own action printed the recipe without them),
+    and what it prints loads back as the same recipe."""
+    from qat.distill.recipe_cli import load_recipe, parse_args
+
+    args = ["--config", str(TINY_RECIPE), "--stages.1.optim.lr", "{wq.scale: 2.0e-4}", "--stages.0.steps", "9"]
+    with pytest.raises(SystemExit) as e:
+        parse_args([*args, "--print_config"])
+    assert e.value.code == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    r = load_recipe(printed)
+    assert r.stages[1].optim.lr == {"wq.scale": 2.0e-4} and r.stages[0].steps == 9
+    assert r.to_dict() == parse_args(args)[0].to_dict()
+
+
 def test_cli_runs_a_recipe_end_to_end(tiny_dir, tmp_path, capsys):
     from qat.cli import main
 

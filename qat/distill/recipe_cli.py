@@ -2,6 +2,7 @@
 qat/distill/recipe.py (the quant keys from qat/args.py, shared with `qat ptq`), plus per-stage overrides
 (`--stages.<i>.<key> VALUE`, which jsonargparse has no syntax for)."""
 import copy
+import json
 import os
 import re
 from typing import Any
@@ -70,6 +71,10 @@ def parse_args(argv: list[str], prog: str = "qat distill") -> tuple[Recipe, dict
 
     parser = build_parser(prog)
     rest, index_overrides = _split_index_overrides(list(argv))
+    # --print_config is answered here, after the per-stage overrides jsonargparse does not see (its own action would
+    # print the recipe without them)
+    show = [a for a in rest if a == "--print_config" or a.startswith("--print_config=")]
+    rest = [a for a in rest if a not in show]
     try:
         ns = parser.parse_args(rest)
     except ArgumentError as e:
@@ -86,7 +91,13 @@ def parse_args(argv: list[str], prog: str = "qat distill") -> tuple[Recipe, dict
             raise argument_error(e, "recipe", RecipeError) from None
     for k in ("config", "resume", "overwrite"):
         d.pop(k, None)
-    return recipe_from_dict(d), extra
+    recipe = recipe_from_dict(d)
+    if show:
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=str)), sort_keys=False), end="")
+        raise SystemExit(0)
+    return recipe, extra
 
 
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
