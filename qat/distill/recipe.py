@@ -228,8 +228,8 @@ class RoundingSpec:
         method: none | signround (AutoRound: offsets V in [-range, range] and clipping factors, signed gradient
             descent) | adaround (soft up/down rounding on the quantizer's grid, Adam, regulariser to 0/1; hard at
             the end)
-        lr: signround: signed-gradient step (None = 1 / steps per window: a parameter moves at most 1/2 over the
-            window); adaround: Adam's lr (None = 1e-3)
+        lr: signround: signed-gradient step (None = 1 / max(steps per window, 50): a parameter moves at most 1/2
+            over a window of 50 steps or more); adaround: Adam's lr (None = 1e-3)
         minmax: signround: also learn the clipping range (min/max factors per group)
         minmax_lr: signround: step of the clipping factors (None = lr)
         range: signround: bound of the rounding offsets, in grid steps
