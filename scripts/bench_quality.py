@@ -293,7 +293,9 @@ def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
         return
     fp = next((r for r in rows if r["kind"] == "fp"), None)
     order = list(known or ROWS)
-    rows.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"]))
+    formats = ["FP", "W4g64", "W3g64", "W2g64"]  # grouped by format, then in ROWS order
+    rows.sort(key=lambda r: (formats.index(r["label"]) if r["label"] in formats else len(formats),
+                             order.index(r["name"]) if r["name"] in order else len(order), r["name"]))
     lines = ["# Results: quality against post-training and QAT tools, on two domains", "",
              ("Written by `scripts/bench_quality.py` from the rows it stored in docs/quality/ (each row lists the "
               "command that produced it, the machine and the date). Perplexity on the first "

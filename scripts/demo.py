@@ -3,8 +3,8 @@
     FP teacher -> RTN W4g64 (PTQ init) -> stage 1 block-wise learned rounding (SignRound) -> stage 2 end-to-end KD
     -> packed export -> reload, and generate beside the FP model on the same prompts
 
-It runs the default recipe (configs/smollm2-135m/w2g64.yaml) at 4 bits through the same code path as `qat distill`,
-cut to a demo budget (a few steps per block on corpus windows; the recipe's mixed data needs the teacher to sample
+It runs the W4g64 recipe (configs/smollm2-135m/w4g64.yaml; --bits picks w{bits}g64.yaml) through the same code path as
+`qat distill`, cut to a demo budget (a few steps per block on corpus windows; the recipe's mixed data needs the teacher to sample
 first, which takes longer than the demo), and prints perplexity on held-out WikiText-2 after every step of the story.
 4 bits because that is what generates sensible text at a demo's budget (2 bits needs the full recipe:
 docs/RESULTS.md). Everything lands in runs/demo/ (student checkpoint, TensorBoard logs, the summary PNG, the packed
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = "configs/smollm2-135m/w2g64.yaml"
+RECIPE = "configs/smollm2-135m/w{bits}g64.yaml"  # the shipped recipe of that width (its stage-2 lr fits the step size)
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "The history of the Roman Empire")
 
 
@@ -29,6 +29,7 @@ def demo_overrides(a) -> list[str]:
     """The recipe cut to the demo budget; every one of these is an ordinary `qat distill` override."""
     return ["--quant.weight.bits", str(a.bits), "--ptq.method", a.ptq_method,
             "--ptq.calib_samples", str(a.calib_samples), "--eval.max_tokens", str(a.eval_tokens),
+            "--eval.initial", "true",  # the PTQ init's perplexity too: every step of the story is measured
             "--data.source", "text", "--data.num_samples", str(a.samples),
             "--stages.0.steps", str(a.block_steps), "--stages.0.batch_size", "2", "--stages.0.samples", str(a.samples),
             "--stages.1.steps", str(a.e2e_steps), "--stages.1.batch_size", "2"]
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=".cache/smollm2-135m")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--bits", type=int, default=4, help="weight bits (uniform, groups of 64)")
+    ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="weight bits (uniform, groups of 64)")
     ap.add_argument("--ptq-method", default="rtn", choices=["gptq", "rtn"],
                     help="the student's PTQ init (the learned rounding starts from the FP weights: rtn)")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out WikiText-2 test tokens per evaluation")
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     out = Path(a.out)
-    cli = ["--config", RECIPE, "--model", a.model, "--output", str(out / "student"), "--overwrite", "true",
+    cli = ["--config", RECIPE.format(bits=a.bits), "--model", a.model, "--output", str(out / "student"), "--overwrite", "true",
            *demo_overrides(a)]
     recipe, _ = parse_args(cli)
     ev = recipe.eval
