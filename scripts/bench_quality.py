@@ -77,6 +77,7 @@ for _name, _what, _args in (
          MIXED)):
     ROWS[f"s1-{_name}"] = {"kind": "distill", **_uniform(2), "config": S1, "args": _args, "group": "stage1",
                            "what": f"stage 1 only: {_what}"}
+STAGE2_LR = {4: "2.0e-4", 3: "4.3e-4"}  # the w4g64 / w3g64 recipes' stage-2 lr (tests/test_bench_quality.py checks)
 for _b in (4, 3):  # stage 1 of the w4g64 / w3g64 recipes alone: ours at AutoRound's budget, token for token
     ROWS[f"s1-w{_b}g64"] = {"kind": "distill", **_uniform(_b), "config": S1,
                             "args": ["--quant.weight.bits", str(_b), *MIXED],
@@ -86,7 +87,7 @@ for _b in (4, 3):  # stage 1 of the w4g64 / w3g64 recipes alone: ours at AutoRou
     ROWS[f"ours-w{_b}g64-stage2"] = {  # w2g64-stage2.yaml pointed at this width's stage-1 row, with its recipe's lr
         "kind": "distill", **_uniform(_b), "config": "configs/smollm2-135m/w2g64-stage2.yaml", "after": f"s1-w{_b}g64",
         "args": ["--student", f"runs/quality/s1-w{_b}g64", "--data.cache_dir", f"runs/quality/s1-w{_b}g64.run/data",
-                 "--stages.0.optim.lr", "{wq.scale: %s}" % {4: "2.0e-4", 3: "4.3e-4"}[_b]],
+                 "--stages.0.optim.lr", f"{{wq.scale: {STAGE2_LR[_b]}}}"],
         "what": f"ours: the w{_b}g64 recipe as two runs (s1-w{_b}g64, then its stage 2)"}
 ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64.yaml", "args": [],
                       "what": "ours: w2g64 recipe (RTN, SignRound on mixed data, E2E-QP)"}
@@ -364,14 +365,16 @@ def target_runs(rows: list[dict]) -> list[dict]:
         t, cum, pts = r.get("tokens") or {}, 0, []
         hist = [h for h in r["history"] if h["kind"] != "ptq"]
         first = next((f for f in rows if f["name"] == ROWS.get(r["name"], {}).get("after")), None)
+        seconds = r["seconds"]
         if first is not None:  # its stage 1 ran as another row: the curve starts at that row's student
             cum = t.get("blockwise_per_window", 0)
             pts.append((cum, first["wikitext2"]))
+            seconds += first["seconds"]
         for h in hist:
             cum += t.get({"blockwise": "blockwise_per_window", "e2e": "e2e", "act": "act"}[h["kind"]], 0)
             pts.append((cum, h["val_ppl"]))
         runs.append({"name": r["name"], "format": r["label"], "wikitext2": r["wikitext2"], "code": r["code"],
-                     "points": pts, "seconds": r["seconds"], "source": "docs/quality"})
+                     "points": pts, "seconds": seconds, "source": "docs/quality"})
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_distill import BUDGETS
 
@@ -397,7 +400,8 @@ def targets_section(runs: list[dict], fp: dict) -> list[str]:
               f"{CODE_RATIO}× the WikiText-2 ratio). Runs from docs/distill/ are scripts/bench_distill.py's (same "
               "evaluation, WikiText-2 only, older recipes at their small/medium budgets: their code perplexity was not "
               "measured). Budgets differ per row; the wall time is one thread of this 2-core machine, mostly shared "
-              "with another job. The curves of perplexity against training tokens are in ppl_vs_tokens.png below."),
+              "with another job. A run done as two rows (stage 1, then stage 2 from its student) counts both runs' "
+              "wall time. The curves of perplexity against training tokens are in ppl_vs_tokens.png below."),
              "", "| format | target | best run | WikiText-2 | × FP | code × FP | code / WikiText ratio | tokens per "
              "weight | wall | WikiText target | code target |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
              "| ---: | --- | --- |"]

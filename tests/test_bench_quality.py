@@ -49,3 +49,16 @@ def test_targets_mark_each_format_by_its_best_run():
     assert rows["W2g64"][2:5] == ["b", "19.00", "1.90"] and rows["W2g64"][-2:] == ["reached", "missed (2.6× the ratio) |"]
     assert rows["W4g64"][-2:] == ["reached", "reached |"]  # 1.04x, code 1.025x
     assert rows["W3g64"][2] == "not run"
+
+
+def test_two_run_rows_train_stage_2_as_their_recipe_does():
+    """ours-w{4,3}g64-stage2 run w2g64-stage2.yaml with overrides: the result is the w{4,3}g64 recipe's stage 2."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_quality as bq
+    from qat.distill.recipe_cli import load_recipe
+
+    for b in (4, 3):
+        row = bq.ROWS[f"ours-w{b}g64-stage2"]
+        two = load_recipe(REPO / row["config"], row["args"]).to_dict()["stages"][0]
+        one = load_recipe(REPO / f"configs/smollm2-135m/w{b}g64.yaml").to_dict()["stages"][1]
+        assert two == one, (b, two, one)
