@@ -13,7 +13,8 @@ active window:
 with V (one offset per weight, |V| <= `range`, initialised at 0) and the clipping factors min_scale/max_scale
 (per group, in [0, 1], initialised at 1) trained by signed gradient descent: p -= lr * sign(grad), the learning rate
 decaying linearly to 0 over the window (with lr = 1/steps a parameter can move at most 1/2 over the window, so V
-decides exactly the ambiguous roundings; windows shorter than 50 steps keep lr = 1/50, see default_signround_lr). Symmetric grids keep z = 2^(b-1) and learn one clipping factor of max|w|.
+decides exactly the ambiguous roundings; windows shorter than 50 steps keep lr = 1/50, see default_signround_lr).
+Symmetric grids keep z = 2^(b-1) and learn one clipping factor of max|w|.
 The loss is the stage's block loss; the parameters of the step with the lowest loss are kept (`best`), as AutoRound
 does. `w` is the live latent weight: frozen unless the stage also trains `latent`.
 

@@ -177,6 +177,13 @@ def resume_differences(stored_recipe: dict, recipe, stored_inputs: dict | None, 
     return changed
 
 
+def resume_refusal(stored_file: Path, changed: list[str], safe) -> RecipeError:
+    """The one error line of a --resume whose recipe or inputs differ from the run's (distill and finetune)."""
+    return RecipeError(f"--resume: the run ({stored_file}) was started with a different recipe or input: "
+                       f"{'; '.join(changed)}. Resuming would mix two runs; start a new one (another --output or "
+                       f"--run_dir, or --overwrite true). Keys a resume may change: {', '.join(safe)}")
+
+
 def check_run_dir(recipe: Recipe, pre: dict, resume: str | None, overwrite: bool) -> dict:
     """Under the run directory's lock: may this run start or resume here? Returns the checkpoint to resume, its files
     (the writer), whether the run directory is distill's, and the fingerprints of the inputs."""
@@ -210,10 +217,7 @@ def check_run_dir(recipe: Recipe, pre: dict, resume: str | None, overwrite: bool
         stored_inputs = json.loads(stored_inputs_file.read_text()) if stored_inputs_file.is_file() else None
         changed = resume_differences(json.loads(stored_file.read_text()), recipe, stored_inputs, inputs)
         if changed:
-            raise RecipeError(f"--resume: the run ({stored_file}) was started with a different recipe or input: "
-                              f"{'; '.join(changed)}. Resuming would mix two runs; start a new one (another --output "
-                              f"or --run_dir, or --overwrite true). Keys a resume may change: "
-                              f"{', '.join(SAFE_ON_RESUME)}")
+            raise resume_refusal(stored_file, changed, SAFE_ON_RESUME)
     fork = ckpt is not None and ckpt.resolve().parent.parent != run_dir.resolve()  # --resume PATH of another run
     if (ckpt is None or fork) and run_dir.is_dir():
         if ours and (files.last.exists() or files.prev.exists()) and not overwrite:

@@ -56,7 +56,7 @@ def check_run_dir(recipe: FinetuneRecipe, run_dir: Path, resume: str | None, ove
     this one). A directory qat finetune did not write is never cleared; one it wrote is cleared only with
     --overwrite (and only of RUN_ENTRIES)."""
     from qat.distill.callbacks import CheckpointFiles
-    from qat.distill.run import resume_differences
+    from qat.distill.run import resume_differences, resume_refusal
     from qat.io import MARKER, dir_kind
 
     files = CheckpointFiles(run_dir / CKPT_DIR)
@@ -68,10 +68,7 @@ def check_run_dir(recipe: FinetuneRecipe, run_dir: Path, resume: str | None, ove
         changed = resume_differences(json.loads(stored.read_text()), recipe, None, None, safe=SAFE_ON_RESUME,
                                      input_keys=INPUT_KEYS)
         if changed:
-            raise RecipeError(f"--resume: the run ({stored}) was started with a different recipe or input: "
-                              f"{'; '.join(changed)}. Resuming would mix two runs; start a new one (another --output "
-                              f"or --run_dir, or --overwrite true). Keys a resume may change: "
-                              f"{', '.join(SAFE_ON_RESUME)}")
+            raise resume_refusal(stored, changed, SAFE_ON_RESUME)
     ours = run_dir.is_dir() and dir_kind(run_dir) == "finetune-run"
     if ckpt is None and run_dir.is_dir():
         if ours and (files.last.exists() or files.prev.exists()) and not overwrite:
