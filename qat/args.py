@@ -14,6 +14,19 @@ from qat.config import QuantConfigError, QuantSpec
 QUANT_KEY = "quant"
 
 
+def run_parser(prog: str, description: str, config_help: str):
+    """The jsonargparse parser of a training command (qat distill, qat finetune): --config, --resume, --overwrite;
+    the caller adds its recipe's keys."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    p.add_argument("--config", action=ActionConfigFile, help=config_help)
+    p.add_argument("--resume", type=str | None, default=None,
+                   help="'last' (the run directory's last checkpoint) or a checkpoint path")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output / run directory")
+    return p
+
+
 def add_quant_arguments(parser) -> None:
     """Add --quant.<group>.<field> for every QuantSpec field. Defaults are suppressed in the parsed result (and
     written into the help instead): a key the user did not give stays absent, so `quant` is absent when no key is

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from qat.args import add_quant_arguments, argument_error, parse_value
+from qat.args import add_quant_arguments, argument_error, parse_value, run_parser
 from qat.config import from_dict
 from qat.distill.recipe import Recipe, RecipeError
 
@@ -17,16 +17,10 @@ _INDEX_OVERRIDE = re.compile(r"^--stages\.(\d+)\.([A-Za-z0-9_.]+)(?:=(.*))?$", r
 def build_parser(prog: str = "qat distill"):
     """The `qat distill` argument parser: --config, --resume, --overwrite, plus one option per Recipe field
     (generated from the dataclass signatures by jsonargparse: --model, --ptq.method, --data.train_file, ...)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog=prog, exit_on_error=False, description=(
+    p = run_parser(prog, (
         "Staged quantization-aware distillation (block-wise -> end-to-end -> activations) of a student against its "
         "FP teacher. Stage keys: --stages.<i>.<key> VALUE overrides one key of stage i (e.g. --stages.0.steps 50); "
-        "--stages.<key> VALUE overrides the last stage."))
-    p.add_argument("--config", action=ActionConfigFile, help="recipe YAML (configs/<model>/<method>.yaml)")
-    p.add_argument("--resume", type=str | None, default=None,
-                   help="'last' (the run directory's last checkpoint) or a checkpoint path")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output / run directory")
+        "--stages.<key> VALUE overrides the last stage."), "recipe YAML (configs/<model>/<method>.yaml)")
     p.add_class_arguments(Recipe, nested_key=None, fail_untyped=False, skip={"quant"})
     add_quant_arguments(p)
     return p

@@ -130,15 +130,11 @@ def _expand(p: str) -> str:
 
 
 def build_parser(prog: str = "qat finetune"):
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from qat.args import run_parser
 
-    p = ArgumentParser(prog=prog, exit_on_error=False, description=(
+    p = run_parser(prog, (
         "Train a peft LoRA adapter on a frozen low-bit model (student checkpoint or native export): next-token CE on "
-        "--data, or KD against --teacher. Writes a peft adapter directory (--output)."))
-    p.add_argument("--config", action=ActionConfigFile, help="options as YAML")
-    p.add_argument("--resume", type=str | None, default=None,
-                   help="'last' (the run directory's last checkpoint) or a checkpoint path")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output / run directory")
+        "--data, or KD against --teacher. Writes a peft adapter directory (--output)."), "options as YAML")
     p.add_class_arguments(FinetuneRecipe, nested_key=None, fail_untyped=False)
     return p
 
