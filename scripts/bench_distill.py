@@ -71,6 +71,8 @@ def stage0(recipe: str, **changes) -> str:
     return json.dumps([s], separators=(",", ":"))
 
 
+TEXT = ["--data.source", "text"]  # corpus windows only (the recipes before mixed data)
+
 # name, group, recipe, PTQ student, extra CLI overrides, what it shows
 EXPERIMENTS = [
     ("w2g64-efficientqat", "main", "efficientqat-w2g64", "w2g64-gptq", [],
@@ -79,10 +81,12 @@ EXPERIMENTS = [
      "same, stage-1 loss cosine"),
     ("w2g64-ao-cosine", "main", "efficientqat-w2g64", "w2g64-gptq-ao", ["--stages.0.loss.kind", "cosine"],
      "same, act-order GPTQ init, stage-1 loss cosine"),
-    ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", [], "W(1+1)A4: WAT -> E2E polish -> AAR"),
-    ("w1p1a4h-lbllm", "main", "lbllm-w1p1a4", "w1p1a4h-gptq", ["--quant.act.hadamard", "true"],
+    # the recipes now default to mixed data and (W(1+1)A4) the Hadamard: these rows keep what they measured
+    ("w1p1a4-lbllm", "main", "lbllm-w1p1a4", "w1p1a4-gptq", ["--quant.act.hadamard", "false", *TEXT],
+     "W(1+1)A4: WAT -> E2E polish -> AAR"),
+    ("w1p1a4h-lbllm", "main", "lbllm-w1p1a4", "w1p1a4h-gptq", ["--quant.act.hadamard", "true", *TEXT],
      "W(1+1)A4 with a random Hadamard before every linear (QuaRot-style): WAT -> E2E polish -> AAR"),
-    ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", [], "VQ 2-bit: block FT -> E2E QAT"),
+    ("vq2-lcqat", "main", "lcqat-vq2", "vq2-gptq", TEXT, "VQ 2-bit: block FT -> E2E QAT"),
     ("w2g64-loss-mse", "loss", "efficientqat-w2g64", "w2g64-gptq",
      ["--stages", stage0("efficientqat-w2g64", **{"loss.kind": "mse"})], "stage 1 only, plain MSE"),
     ("w2g64-loss-mse-nosink", "loss", "efficientqat-w2g64", "w2g64-gptq",

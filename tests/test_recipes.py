@@ -7,7 +7,8 @@ import yaml
 from conftest import REPO
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
-DEFAULT_MODEL = ["lbllm-w1p1a4", "lcqat-vq2", "efficientqat-w2g64", "acbq-w4a4", "cbq-w2g64"]
+DEFAULT_MODEL = ["w2g64", "w3g64", "w4g64", "lcqat-vq2", "lbllm-w1p1", "lbllm-w1p1a4", "efficientqat-w2g64", "acbq-w4a4",
+                 "cbq-w2g64"]
 
 
 def test_default_model_has_every_method_recipe():
