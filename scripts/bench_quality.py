@@ -162,14 +162,15 @@ def calib_windows(model: str, work: Path, n: int) -> Path:
 
 
 def stage_tokens(history: list[dict]) -> dict:
-    """Training tokens per stage kind: block-wise tokens per block (every window trains one block's worth), e2e."""
+    """Training tokens per stage kind: block-wise tokens per block (every window trains one block's worth), e2e, and
+    the activation stage's (per window too when it runs block by block)."""
     out = {}
     for h in history:
+        n = max(len(h.get("windows", [])), 1)
         if h.get("kind") == "blockwise":
-            n = max(len(h.get("windows", [])), 1)
             out["blockwise_per_window"] = out.get("blockwise_per_window", 0) + h["tokens"] // n
         elif h.get("kind") in ("e2e", "act"):
-            out[h["kind"]] = out.get(h["kind"], 0) + h["tokens"]
+            out[h["kind"]] = out.get(h["kind"], 0) + h["tokens"] // n
     return out
 
 

@@ -62,3 +62,17 @@ def test_two_run_rows_train_stage_2_as_their_recipe_does():
         two = load_recipe(REPO / row["config"], row["args"]).to_dict()["stages"][0]
         one = load_recipe(REPO / f"configs/smollm2-135m/w{b}g64.yaml").to_dict()["stages"][1]
         assert two == one, (b, two, one)
+
+
+def test_stage_tokens_count_block_wise_stages_per_window():
+    """Every window of a block-wise stage trains one block on its tokens, so a weight sees the stage's tokens divided
+    by its windows: for the weight stage and for a block-wise activation stage alike; end-to-end tokens count whole."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_quality as bq
+
+    hist = [{"kind": "ptq", "tokens": None},
+            {"kind": "blockwise", "tokens": 30 * 4096, "windows": [{}] * 30},
+            {"kind": "e2e", "tokens": 2048},
+            {"kind": "act", "tokens": 30 * 1024, "windows": [{}] * 30},  # AAR, block by block
+            {"kind": "act", "tokens": 512}]  # an end-to-end activation stage
+    assert bq.stage_tokens(hist) == {"blockwise_per_window": 4096, "e2e": 2048, "act": 1024 + 512}
