@@ -74,7 +74,24 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class DistillModule(L.LightningModule):
+class TrainingModule(L.LightningModule):
+    """What the distillation and the fine-tuning modules share: the calls into the shared callbacks (checkpointing,
+    progress, plots) and TensorBoard scalars."""
+
+    def _notify(self, hook: str) -> None:
+        for cb in self.trainer.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self.trainer, self)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """A TensorBoard scalar (rank 0: the logger of the other processes is a no-op)."""
+        logger = self.logger
+        if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
+            logger.experiment.add_scalar(tag, value, step)
+
+
+class DistillModule(TrainingModule):
     """`student`: the model that trains (a copy of the teacher to be PTQ-initialised in setup() when `ptq` is given,
     an existing student, or a skeleton whose weights come from the resumed checkpoint)."""
 
@@ -291,18 +308,7 @@ class DistillModule(L.LightningModule):
             self.ctx.act_bypass.set(was)
         return float(r["perplexity"])
 
-    def _notify(self, hook: str) -> None:
-        for cb in self.trainer.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self.trainer, self)
-
     # ---- logging (rank 0: the logger of the other processes is a no-op) ----------------------------------------
-    def _scalar(self, tag: str, value: float, step: int) -> None:
-        logger = self.logger
-        if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
-            logger.experiment.add_scalar(tag, value, step)
-
     def _log_step(self, metrics: dict, dt: float) -> None:
         spec = self.stage.spec
         tag = f"s{self.stage_index}_{spec.name}"

@@ -188,7 +188,7 @@ def check_run_dir(recipe: Recipe, pre: dict, resume: str | None, overwrite: bool
     """Under the run directory's lock: may this run start or resume here? Returns the checkpoint to resume, its files
     (the writer), whether the run directory is distill's, and the fingerprints of the inputs."""
     from qat.distill.callbacks import CheckpointFiles
-    from qat.io import MARKER, dir_kind
+    from qat.io import dir_kind
 
     run_dir: Path = pre["run_dir"]
     ours = run_dir.is_dir() and dir_kind(run_dir) == "distill-run"
@@ -219,16 +219,26 @@ def check_run_dir(recipe: Recipe, pre: dict, resume: str | None, overwrite: bool
         if changed:
             raise resume_refusal(stored_file, changed, SAFE_ON_RESUME)
     fork = ckpt is not None and ckpt.resolve().parent.parent != run_dir.resolve()  # --resume PATH of another run
-    if (ckpt is None or fork) and run_dir.is_dir():
-        if ours and (files.last.exists() or files.prev.exists()) and not overwrite:
-            raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume last to "
-                                  "continue it or --overwrite true to start over")
-        if not ours:
-            clash = [e for e in (*RUN_ENTRIES, MARKER) if (run_dir / e).exists()]
-            if clash:
-                raise FileExistsError(f"--run_dir {str(run_dir)!r} already holds {clash[0]!r}, which qat distill did "
-                                      "not write; not touching it: choose another --run_dir")
+    if ckpt is None or fork:
+        refuse_run_dir_clash(run_dir, files, ours, overwrite, RUN_ENTRIES, "qat distill")
     return {"ckpt": ckpt, "files": files, "ours": ours, "inputs": inputs, "fresh_run_dir": ckpt is None or fork}
+
+
+def refuse_run_dir_clash(run_dir: Path, files, ours: bool, overwrite: bool, entries, command: str) -> None:
+    """A fresh run may not start in a run directory that holds a checkpoint of its own kind (unless --overwrite), nor
+    in one that holds any entry of the run (`entries`, the marker) it did not write: nothing is ever clobbered."""
+    from qat.io import MARKER
+
+    if not run_dir.is_dir():
+        return
+    if ours and (files.last.exists() or files.prev.exists()) and not overwrite:
+        raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume last to "
+                              "continue it or --overwrite true to start over")
+    if not ours:
+        clash = [e for e in (*entries, MARKER) if (run_dir / e).exists()]
+        if clash:
+            raise FileExistsError(f"--run_dir {str(run_dir)!r} already holds {clash[0]!r}, which {command} did not "
+                                  "write; not touching it: choose another --run_dir")
 
 
 def clear_run_dir(run_dir: Path) -> None:

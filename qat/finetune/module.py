@@ -19,11 +19,10 @@ import random
 import time
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 
-from qat.distill.module import _numpy_rng_state, _peak_memory_mb
+from qat.distill.module import TrainingModule, _numpy_rng_state, _peak_memory_mb
 from qat.distill.recipe import EvalSpec, StageSpec
 from qat.distill.stage import DistillContext
 
@@ -31,7 +30,7 @@ STATE_KEY = "qat_finetune"
 STATE_VERSION = 1
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(TrainingModule):
     def __init__(self, ctx: DistillContext, spec: StageSpec, eval_spec: EvalSpec, eval_ids: torch.Tensor | None,
                  base_fingerprint: str):
         super().__init__()
@@ -170,17 +169,6 @@ class FinetuneModule(L.LightningModule):
             self.ctx.act_bypass.set(was)
             self._modes()
         return float(r["perplexity"])
-
-    def _notify(self, hook: str) -> None:
-        for cb in self.trainer.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self.trainer, self)
-
-    def _scalar(self, tag: str, value: float, step: int) -> None:
-        logger = self.logger
-        if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "add_scalar"):
-            logger.experiment.add_scalar(tag, value, step)
 
     # ---- what the shared callbacks read -------------------------------------------------------------------------
     def progress_info(self) -> dict[str, Any]:

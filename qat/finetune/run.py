@@ -56,8 +56,8 @@ def check_run_dir(recipe: FinetuneRecipe, run_dir: Path, resume: str | None, ove
     this one). A directory qat finetune did not write is never cleared; one it wrote is cleared only with
     --overwrite (and only of RUN_ENTRIES)."""
     from qat.distill.callbacks import CheckpointFiles
-    from qat.distill.run import resume_differences, resume_refusal
-    from qat.io import MARKER, dir_kind
+    from qat.distill.run import refuse_run_dir_clash, resume_differences, resume_refusal
+    from qat.io import dir_kind
 
     files = CheckpointFiles(run_dir / CKPT_DIR)
     ckpt = resume_path(files, resume)
@@ -70,15 +70,8 @@ def check_run_dir(recipe: FinetuneRecipe, run_dir: Path, resume: str | None, ove
         if changed:
             raise resume_refusal(stored, changed, SAFE_ON_RESUME)
     ours = run_dir.is_dir() and dir_kind(run_dir) == "finetune-run"
-    if ckpt is None and run_dir.is_dir():
-        if ours and (files.last.exists() or files.prev.exists()) and not overwrite:
-            raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; pass --resume last to "
-                                  "continue it or --overwrite true to start over")
-        if not ours:
-            clash = [e for e in (*RUN_ENTRIES, MARKER) if (run_dir / e).exists()]
-            if clash:
-                raise FileExistsError(f"--run_dir {str(run_dir)!r} already holds {clash[0]!r}, which qat finetune did "
-                                      "not write; not touching it: choose another --run_dir")
+    if ckpt is None:
+        refuse_run_dir_clash(run_dir, files, ours, overwrite, RUN_ENTRIES, "qat finetune")
     return {"ckpt": ckpt, "files": files, "ours": ours}
 
 
