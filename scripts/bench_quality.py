@@ -12,7 +12,9 @@ rebuilt from all stored rows):
     llmc-gptq-*              llm-compressor's GPTQ (scripts/bench_ptq_llmcompressor.py, its own venv .cache/venv-llmc)
     autoround-*              Intel AutoRound (scripts/bench_autoround.py, its own venv .cache/venv-autoround)
     torchao-qat-*            torchao QAT (scripts/bench_torchao.py, its own venv .cache/venv-torchao)
-    ours-*                   `qat distill` recipes (configs/smollm2-135m/)
+    s1-*                     stage 1 alone at AutoRound's budget, one lever (rounding method, loss, init, data) per row
+    ours-*                   `qat distill` recipes as shipped (configs/smollm2-135m/: w{4,3,2}g64, lcqat-vq2,
+                             lbllm-w1p1, lbllm-w1p1a4); ours-*-stage2: a recipe as two runs (stage 1 is an s1-* row)
 A row whose tool venv is missing is skipped with a message that says how to create it.
 
     python scripts/bench_quality.py --only fp gptq-w2g64 ours-w2g64      # some rows
