@@ -65,6 +65,9 @@ for _b in (4, 3, 2):
                                    "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
 ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
                              "tokens_like": "ours-w2g64"}
+for _b in (4, 3):  # the tokens per weight of our measured w{4,3}g64 runs (stage 1 + stage 2 as two rows)
+    ROWS[f"torchao-qat-w{_b}g64"] = {"kind": "torchao", **_uniform(_b), "tokens_like": f"ours-w{_b}g64-stage2",
+                                     "what": f"torchao QAT (int{_b} g64 fake-quant, CE)"}
 MIXED = ["--data.source", "mixed", "--data.teacher_fraction", "0.5", "--data.prompt_len", "8"]  # half teacher samples
 S1 = "configs/smollm2-135m/stage1-autoround-budget.yaml"  # stage 1 alone at AutoRound's budget, one lever at a time
 for _name, _what, _args in (
