@@ -99,14 +99,14 @@ ROWS["ours-w2g64"] = {"kind": "distill", **_uniform(2), "config": "configs/smoll
 ROWS["ours-w2g64-stage2"] = {"kind": "distill", **_uniform(2), "config": "configs/smollm2-135m/w2g64-stage2.yaml",
                              "args": [], "after": "s1-signround-cosine-mixed",
                              "what": "ours: the w2g64 recipe as two runs (s1-signround-cosine-mixed, then its stage 2)"}
-for _name, _fmt, _cfg, _what in (  # the other formats' recipes as shipped, each about one CPU-hour
-        ("ours-vq2", {"format": "vq", "bits": 2, "group_size": None, "label": "VQ 2-bit"}, "lcqat-vq2",
-         "ours: lcqat-vq2 recipe (BlockLDLQ, block FT, E2E QAT of the codes)"),
-        ("ours-w1p1a16", {"format": "binary11", "bits": 2, "group_size": 64, "label": "W(1+1)A16"}, "lbllm-w1p1",
-         "ours: lbllm-w1p1 recipe (GPTQ-EM, WAT, E2E polish)"),
-        ("ours-w1p1a4", {"format": "binary11", "bits": 2, "group_size": 64, "label": "W(1+1)A4"}, "lbllm-w1p1a4",
+for _name, _label, _cfg, _what in (  # the other formats' recipes as shipped, each about one CPU-hour; their format
+        # is the label (a TARGETS key): the bits per weight come from the export, as for every distilled row
+        ("ours-vq2", "VQ 2-bit", "lcqat-vq2", "ours: lcqat-vq2 recipe (BlockLDLQ, block FT, E2E QAT of the codes)"),
+        ("ours-w1p1a16", "W(1+1)A16", "lbllm-w1p1", "ours: lbllm-w1p1 recipe (GPTQ-EM, WAT, E2E polish)"),
+        ("ours-w1p1a4", "W(1+1)A4", "lbllm-w1p1a4",
          "ours: lbllm-w1p1a4 recipe (Hadamard, GPTQ-EM, WAT, E2E polish, AAR)")):
-    ROWS[_name] = {"kind": "distill", **_fmt, "config": f"configs/smollm2-135m/{_cfg}.yaml", "args": [], "what": _what}
+    ROWS[_name] = {"kind": "distill", "label": _label, "config": f"configs/smollm2-135m/{_cfg}.yaml", "args": [],
+                   "what": _what}
 ROWS["ours-efficientqat-w2g64"] = {"kind": "distill", **_uniform(2), "args": [],
                                    "config": "configs/smollm2-135m/efficientqat-w2g64.yaml",
                                    "what": "ours: efficientqat-w2g64 recipe (GPTQ, Block-AP, E2E-QP)"}

@@ -29,5 +29,12 @@ def test_demo_runs_the_story_on_the_tiny_model(tiny_dir, tmp_path, monkeypatch, 
     assert 0 < res["export_bytes"] < res["fp16_bytes"]
     (gen,) = res["generations"]
     assert gen["prompt"] == "The cat" and set(gen) == {"prompt", "FP", "W4g64"}
-    assert (out / "export").is_dir() and (out / "results.md").read_text().startswith("| step | perplexity | x FP |")
+    # the printed table is the measured perplexities and their ratio to the FP teacher's, row for row
+    table = (out / "results.md").read_text().splitlines()[2:]
+    fp = res["fp_perplexity"]
+    assert len(table) == 1 + len(res["stages"])
+    for line, p in zip(table, [fp] + [p for _, p in res["stages"]]):
+        ppl, ratio = (float(c.replace(",", "")) for c in line.strip("| ").split(" | ")[1:])
+        assert ppl == round(p, 2) and ratio == round(p / fp, 2), (line, p, fp)
+    assert (out / "export" / "config.json").is_file()
     assert "make demo:" in capsys.readouterr().out
