@@ -335,7 +335,9 @@ def write_report(results: Path, doc: Path, known: dict | None = None) -> None:
         rss = "–" if not r.get("peak_rss_mib") else f"{r['peak_rss_mib'] / 1024:.1f} GiB"
         lines.append(f"| {r['name']}: {r['what']} | {r['label']} | {bpw} | {r['wikitext2']:.2f} | {wx:.2f} | "
                      f"{r['code']:.2f} | {cx:.2f} | {_fmt_tokens(r.get('tokens'))} | {wall} | {rss} |")
-    lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", ""]
+    lines += ["", "![perplexity vs bits/weight](quality/ppl_vs_bits.png)", "",
+              "The plot shows the finished models of the first table and the Pareto front over all of them (the "
+              "stage-1 rows of the second table are left out); perplexity is on a log scale.", ""]
     if fp:
         runs = target_runs(rows)
         lines += targets_section(runs, fp)
@@ -472,31 +474,69 @@ def plot_tokens(runs: list[dict], fp: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def spread_labels(logy: list[float], gap: float) -> list[float]:
+    """Label heights (log10) for points stacked at one x: sorted bottom-up, each at its point or at least `gap` above
+    the label below."""
+    order = sorted(range(len(logy)), key=lambda i: logy[i])
+    out = [0.0] * len(logy)
+    prev = -math.inf
+    for i in order:
+        out[i] = max(logy[i], prev + gap)
+        prev = out[i]
+    return out
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both bits and perplexity, by increasing bits."""
+    front, best = [], math.inf
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity vs bits/weight for the finished models (the stage-1 ablations have their own table), with the
+    Pareto front over all tools; labels at one width are stacked so they do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = [r for r in rows if r["kind"] == "fp" or (r.get("bits_per_weight") and not r["name"].startswith("s1-"))]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     kinds = {"ptq": ("o", "PTQ (ours)"), "llmc": ("s", "llm-compressor"), "autoround": ("^", "AutoRound"),
              "torchao": ("v", "torchao QAT"), "distill": ("*", "ours (distilled)")}
     for ax, dom in zip(axes, DOMAINS):
         fp = next((r[dom] for r in rows if r["kind"] == "fp"), None)
+        pts = [r for r in rows if r["kind"] in kinds and r.get(dom)]
         for kind, (marker, label) in kinds.items():
-            pts = [(r["bits_per_weight"], r[dom], r["name"]) for r in rows if r["kind"] == kind]
-            if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60 if marker == "*" else 30,
-                           label=label)
-                for x, y, n in pts:
-                    ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            mine = [r for r in pts if r["kind"] == kind]
+            if mine:
+                ax.scatter([r["bits_per_weight"] for r in mine], [r[dom] for r in mine], marker=marker,
+                           s=70 if marker == "*" else 30, label=label, zorder=3)
+        front = pareto([(r["bits_per_weight"], r[dom]) for r in pts])
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", lw=0.8, ls=":",
+                    label="Pareto front")
         if fp:
             ax.axhline(fp, color="k", ls="--", lw=0.8, label=f"FP ({fp:.2f})")
         ax.set_yscale("log")
+        lo = min([r[dom] for r in pts] + ([fp] if fp else []))
+        hi = max([r[dom] for r in pts] + ([fp] if fp else []))
+        gap = 0.045 * max(1.0, math.log10(hi / lo))  # one label height in decades
+        for x in sorted({round(r["bits_per_weight"], 3) for r in pts}):
+            col = [r for r in pts if round(r["bits_per_weight"], 3) == x]
+            ys = spread_labels([math.log10(r[dom]) for r in col], gap)
+            for r, ly in zip(col, ys):
+                ax.annotate(r["name"], (r["bits_per_weight"], r[dom]), xytext=(x + 0.06, 10 ** ly), fontsize=6,
+                            va="center", arrowprops={"arrowstyle": "-", "lw": 0.3, "color": "0.6"})
+        ax.set_xlim(min(r["bits_per_weight"] for r in pts) - 0.1, max(r["bits_per_weight"] for r in pts) + 0.75)
         ax.set_xlabel("bits per weight (with scales and zeros)")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel("perplexity (log scale)")
         ax.set_title({"wikitext2": "WikiText-2 (in domain)", "code": "python-stdlib (code, out of domain)"}[dom])
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

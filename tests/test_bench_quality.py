@@ -76,3 +76,18 @@ def test_stage_tokens_count_block_wise_stages_per_window():
             {"kind": "act", "tokens": 30 * 1024, "windows": [{}] * 30},  # AAR, block by block
             {"kind": "act", "tokens": 512}]  # an end-to-end activation stage
     assert bq.stage_tokens(hist) == {"blockwise_per_window": 4096, "e2e": 2048, "act": 1024 + 512}
+
+
+def test_plot_front_and_label_stacking():
+    """The PNG's Pareto front keeps only points nothing beats on both axes; labels at one width never overlap and
+    never sit below their point."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_quality as bq
+
+    assert bq.pareto([(4.4, 30.0), (2.4, 60.0), (3.4, 35.0), (3.4, 90.0), (4.4, 29.0), (3.0, 70.0)]) == [
+        (2.4, 60.0), (3.4, 35.0), (4.4, 29.0)]
+    ys = [2.0, 2.01, 1.5, 2.02]
+    out = bq.spread_labels(ys, 0.1)
+    assert out[2] == 1.5 and out[0] == 2.0  # unchanged where there is room
+    assert sorted(out) == [1.5, 2.0, 2.1, pytest.approx(2.2)]
+    assert all(o >= y for o, y in zip(out, ys))
