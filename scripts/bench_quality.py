@@ -115,22 +115,24 @@ ROWS["ours-efficientqat-w2g64"] = {"kind": "distill", **_uniform(2), "args": [],
 # ---- running rows -----------------------------------------------------------------------------------------------------
 
 def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
-    """Run `cmd` (cwd = repo root) with its output in `log`; returns (seconds, peak RSS of the child in MiB)."""
+    """Run `cmd` (cwd = repo root) with its output streamed into `log` (`tail -f` shows an hour-long row's progress);
+    returns (seconds, peak RSS of the child in MiB)."""
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)")
+               "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(r)")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        p = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, stdout=f, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, **(env or {})})
-        f.write(p.stderr)
+        p = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     seconds = time.time() - t0
     if p.returncode != 0:
         raise RuntimeError(f"command failed ({p.returncode}), see {log}: {shlex.join(cmd)}")
-    rss_kib = int(p.stderr.strip().splitlines()[-1])
-    return seconds, rss_kib / 1024
+    last = log.read_text().strip().splitlines()[-1].split()
+    if last[0] != "peak_rss_kib":
+        raise RuntimeError(f"{log} does not end with the wrapper's peak RSS line")
+    return seconds, int(last[1]) / 1024
 
 
 def evaluate(model_dir: Path, tokens: int) -> dict:
