@@ -63,11 +63,11 @@ for _b in (4, 3, 2):
     ROWS[f"llmc-gptq-w{_b}g64"] = {"kind": "llmc", **_uniform(_b), "what": "llm-compressor 0.14 GPTQ"}
     ROWS[f"autoround-w{_b}g64"] = {"kind": "autoround", **_uniform(_b),
                                    "what": "AutoRound 0.16 (50 iters x batch 4 per block)", "iters": 50, "batch": 4}
-ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "what": "torchao QAT (int2 g64 fake-quant, CE)",
-                             "tokens_like": "ours-w2g64"}
+ROWS["torchao-qat-w2g64"] = {"kind": "torchao", **_uniform(2), "tokens_like": "ours-w2g64",
+                             "what": "torchao QAT (int2 g64 fake-quant, float zero point, CE)"}
 for _b in (4, 3):  # the tokens per weight of our measured w{4,3}g64 runs (stage 1 + stage 2 as two rows)
     ROWS[f"torchao-qat-w{_b}g64"] = {"kind": "torchao", **_uniform(_b), "tokens_like": f"ours-w{_b}g64-stage2",
-                                     "what": f"torchao QAT (int{_b} g64 fake-quant, CE)"}
+                                     "what": f"torchao QAT (int{_b} g64 fake-quant, float zero point, CE)"}
 MIXED = ["--data.source", "mixed", "--data.teacher_fraction", "0.5", "--data.prompt_len", "8"]  # half teacher samples
 S1 = "configs/smollm2-135m/stage1-autoround-budget.yaml"  # stage 1 alone at AutoRound's budget, one lever at a time
 for _name, _what, _args in (
@@ -243,7 +243,7 @@ def run_row(name: str, row: dict, a, work: Path) -> dict | None:
         windows = calib_windows(a.model, work, pool)  # the recipe's training pool (same sampler and seed)
         cmd = [str(REPO / VENVS["torchao"] / "bin" / "python"), "scripts/bench_torchao.py", "--model", a.model,
                "--windows", os.path.relpath(windows, REPO), "--bits", str(row["bits"]), "--group-size", "64",
-               "--steps", str(steps), "--batch-size", "4", "--out", rel]
+               "--steps", str(steps), "--batch-size", "4", "--zero-point-domain", "float", "--out", rel]
         seconds, rss = run_cmd(cmd, log)
         model_dir = out_dir
         res["tokens"] = {"e2e": steps * 4 * 512}
