@@ -3,8 +3,9 @@
 torchao's own QAT API (`QATConfig` + `IntxFakeQuantizeConfig`: int-N group-wise asymmetric fake quantization of every
 linear but lm_head, min/max computed each step; see --zero-point-domain), fine-tuned with plain next-token
 cross-entropy (AdamW) on the same token windows our recipes train on (a tensor file written by
-scripts/bench_quality.py), for a given number of steps. The result is saved as an ordinary HF checkpoint whose linear weights are their fake-quantized values, so
-bench_quality evaluates it with `qat eval` like every other row. Runs in its own environment; imports nothing from qat.
+scripts/bench_quality.py), for a given number of steps. The result is saved as an ordinary HF checkpoint whose linear
+weights are their fake-quantized values, so bench_quality evaluates it with `qat eval` like every other row. Runs in
+its own environment; imports nothing from qat.
 
     python -m venv .cache/venv-torchao && .cache/venv-torchao/bin/pip install torch==2.13.0 torchao==0.18.0 transformers
     .cache/venv-torchao/bin/python scripts/bench_torchao.py --model .cache/smollm2-135m \
