@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     # torchao 0.18's asymmetric per-group fake quantizer computes its scales and zero points in the float-zero-point
     # convention (unsigned range, zero = min + 2^(n-1) * scale) whatever the config's domain says, then casts the zero
     # point to int32 and applies it with the signed range in the integer domain: groups whose weights are not centred
-    # lose their extremes (1.4% of layer 0's q_proj weights at int4; loss before training 4.94 against 3.34 for min/max
-    # RTN). "float" keeps the two conventions consistent (a float32 zero point in the float domain, torchao's int4
+    # lose their extremes (1.4% of all weights at int4; loss before training 4.94 against 3.34 for min/max RTN:
+    # scripts/check_torchao_zero_point.py). "float" keeps the two conventions consistent (a float32 zero point in the float domain, torchao's int4
     # weight-only numerics): the grid spans each group's min..max exactly. "int" is the config's default, kept to
     # reproduce the rows measured with it.
     ap.add_argument("--zero-point-domain", choices=["float", "int"], default="float")
